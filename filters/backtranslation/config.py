@@ -1,0 +1,108 @@
+"""Configuration of the back-translation stage and the check that its four models are present."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DIRECTIONS: tuple[str, ...] = ("en_de", "de_en", "en_ru", "ru_en")
+# Files that MarianMTModel/MarianTokenizer.from_pretrained need; the weights may come in either format.
+_REQUIRED_FILES: tuple[str, ...] = ("config.json", "source.spm", "target.spm", "vocab.json")
+_WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+
+
+class MissingModelError(FileNotFoundError):
+    """A configured back-translation model is neither a local folder nor in the local HF cache."""
+
+
+def _default_models() -> dict[str, str]:
+    return {d: f"Helsinki-NLP/opus-mt-{d.replace('_', '-')}" for d in DIRECTIONS}
+
+
+@dataclass
+class BackTranslationConfig:
+    """Settings of caption back-translation (EN->DE->EN and EN->RU->EN) with MarianMT.
+
+    ``models`` maps each direction (en_de, de_en, en_ru, ru_en) to a hub id or a local folder.
+    Degenerate outputs (see ``degenerate.py``) fall back to the original caption.
+    """
+
+    enabled: bool = True
+    models: dict[str, str] = field(default_factory=_default_models)
+    batch_size: int = 256
+    max_input_tokens: int = 128  # longer inputs are truncated (and counted)
+    num_beams: int = 1  # greedy by default; >1 goes through transformers' generate
+    max_new_tokens: int = 128
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
+    engine: str = "auto"  # auto (fast greedy loop when num_beams == 1) | fast | generate
+    cuda_graphs: bool = True  # replay each decode step as a CUDA graph (GPU, fast engine only)
+    max_length_ratio: float = 3.0  # output words > ratio * source words + length_slack -> too_long
+    length_slack: int = 4
+    max_ngram_repeats: int = 4  # an n-gram (n <= 4) repeated this many times in a row -> repetition
+    cache_size: int = 1_000_000  # normalised captions remembered per translator (LRU)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.models) - set(DIRECTIONS)
+        missing = set(DIRECTIONS) - set(self.models)
+        if unknown or missing:
+            raise ValueError(f"backtranslation.models must name exactly {list(DIRECTIONS)}; "
+                             f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
+        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("engine", ("auto", "fast", "generate")),
+                              ("dtype", ("auto", "float32", "float16", "bfloat16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"backtranslation.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_beams < 1 or self.batch_size < 1 or self.max_input_tokens < 2 or self.max_new_tokens < 1:
+            raise ValueError("backtranslation: num_beams, batch_size, max_new_tokens must be >= 1 "
+                             "and max_input_tokens >= 2")
+
+
+def is_local_path(name: str) -> bool:
+    """True when ``name`` is meant as a folder rather than a hub id ("org/name" has one slash)."""
+    return (Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))
+            or name.count("/") != 1)
+
+
+def _missing_in_cache(repo_id: str) -> list[str]:
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+    missing = [f for f in _REQUIRED_FILES if not cached(f)]
+    if not any(cached(f) for f in _WEIGHT_FILES):
+        missing.append(" or ".join(_WEIGHT_FILES))
+    return missing
+
+
+def check_models(config: BackTranslationConfig) -> None:
+    """Raise MissingModelError naming the config key and the path or id of every absent model.
+
+    Run-time hub downloads are impossible on the workers, so a hub id counts as present only when
+    its files are in the local Hugging Face cache (the same lookup ``local_files_only=True`` does).
+    """
+    if not config.enabled:
+        return
+    problems: list[str] = []
+    for direction in DIRECTIONS:
+        name = config.models[direction]
+        key = f"backtranslation.models.{direction}"
+        if is_local_path(name):
+            folder = Path(name).expanduser()
+            if not folder.is_dir():
+                problems.append(f"{key}: local model folder {name!r} does not exist")
+                continue
+            absent = [f for f in _REQUIRED_FILES if not (folder / f).is_file()]
+            if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+                absent.append(" or ".join(_WEIGHT_FILES))
+            if absent:
+                problems.append(f"{key}: local model folder {name!r} lacks {', '.join(absent)}")
+        else:
+            absent = _missing_in_cache(name)
+            if absent:
+                cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+                problems.append(f"{key}: hub model {name!r} is not in the local Hugging Face cache "
+                                f"({cache}; missing {', '.join(absent)}); downloads are impossible at run "
+                                f"time: pre-fetch it (`hf download {name}`) or give a local folder")
+    if problems:
+        raise MissingModelError("back-translation models missing:\n  " + "\n  ".join(problems))

@@ -1,0 +1,186 @@
+"""Ray-free back-translator: EN->DE->EN and EN->RU->EN for a list of captions, with a caption cache."""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import DIRECTIONS, BackTranslationConfig, check_models
+from .degenerate import REASONS, degenerate_reason
+
+logger = logging.getLogger(__name__)
+
+try:  # the project-wide caption normaliser, when present, so cache keys match the other stages'
+    from filters.caption import normalize_caption as _normalize
+except ImportError:
+    _SPACES = re.compile(r"\s+")
+
+    def _normalize(caption: str) -> str:
+        return _SPACES.sub(" ", caption).strip().lower()
+
+PIVOTS: tuple[str, ...] = ("de", "ru")
+COUNTER_NAMES: tuple[str, ...] = ("cache_hits", "cache_misses", "translated", "model_inputs", "truncated",
+                                  *(f"fallback_{r}" for r in REASONS))
+
+
+@dataclass
+class BackTranslationResult:
+    """English back-translations in input order; ``counters`` count this call only (they add up)."""
+
+    de: list[str]
+    ru: list[str]
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Direction:
+    tokenizer: Any
+    model: Any
+    fast: Any  # FastGreedyDecoder or None (then transformers' generate)
+
+
+class BackTranslator:
+    """Loads the four MarianMT models once (``setup``) and back-translates batches of captions.
+
+    Unique captions (by normalised text) are translated once per translator: later occurrences,
+    in the same call or a later one, come from an LRU cache. A degenerate pivot or back-translation
+    falls back to the original caption and is counted as ``fallback_<reason>``.
+    """
+
+    def __init__(self, config: BackTranslationConfig) -> None:
+        self.config = config
+        self._directions: dict[str, _Direction] = {}
+        # normalised caption -> (de, ru); None marks a fallback, so each caller gets its own original back.
+        self._cache: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
+        self.device = "cpu"
+
+    def setup(self) -> None:
+        """Check and load the four models (no-op when disabled); GPU when available unless told otherwise."""
+        if not self.config.enabled or self._directions:
+            return
+        check_models(self.config)
+        import torch
+        from transformers import MarianMTModel, MarianTokenizer
+
+        from .fast_greedy import FastGreedyDecoder, unsupported_generation_options
+
+        cfg = self.config
+        self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) \
+            else "cpu"
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
+        dtype = getattr(torch, dtype_name)
+        for direction in DIRECTIONS:
+            name = cfg.models[direction]
+            tokenizer = MarianTokenizer.from_pretrained(name, local_files_only=True)
+            model = MarianMTModel.from_pretrained(name, local_files_only=True, dtype=dtype)
+            model = model.to(self.device).eval()
+            fast = None
+            wants_fast = cfg.engine == "fast" or (cfg.engine == "auto" and cfg.num_beams == 1)
+            if wants_fast and cfg.num_beams == 1:
+                problems = unsupported_generation_options(model)
+                if problems and cfg.engine == "fast":
+                    raise ValueError(f"backtranslation.engine=fast cannot honour {problems} of {name!r}")
+                if not problems:
+                    fast = FastGreedyDecoder(model, cuda_graphs=cfg.cuda_graphs)
+            self._directions[direction] = _Direction(tokenizer, model, fast)
+        logger.info("back-translation models loaded on %s (%s, engine %s)", self.device, dtype_name,
+                    "fast" if self._directions["en_de"].fast else "generate")
+
+    def teardown(self) -> None:
+        """Free the models (and GPU memory) and forget the cache."""
+        self._directions.clear()
+        self._cache.clear()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def translate(self, captions: list[str]) -> BackTranslationResult:
+        """Back-translate ``captions`` through German and Russian; outputs align with the inputs."""
+        counters: Counter[str] = Counter({name: 0 for name in COUNTER_NAMES})
+        if not self.config.enabled:
+            counters["skipped"] = len(captions)
+            return BackTranslationResult(de=list(captions), ru=list(captions), counters=dict(counters))
+        if not self._directions:
+            raise RuntimeError("BackTranslator.setup() must be called before translate()")
+        keys = [_normalize(c) for c in captions]
+        todo: dict[str, str] = {}  # key -> first caption with that key, in first-seen order
+        for key, caption in zip(keys, captions):
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                counters["cache_hits"] += 1
+            elif key in todo:
+                counters["cache_hits"] += 1
+            else:
+                counters["cache_misses"] += 1
+                todo[key] = caption
+        fresh = dict(zip(todo, zip(*self._back_translate(list(todo.values()), counters)))) if todo else {}
+        counters["translated"] = len(todo)
+        de, ru = [], []
+        for key, caption in zip(keys, captions):
+            pair = fresh[key] if key in fresh else self._cache[key]
+            de.append(pair[0] if pair[0] is not None else caption)
+            ru.append(pair[1] if pair[1] is not None else caption)
+        for key, pair in fresh.items():
+            self._cache[key] = pair
+        while len(self._cache) > self.config.cache_size:
+            self._cache.popitem(last=False)
+        return BackTranslationResult(de=de, ru=ru, counters=dict(counters))
+
+    def _back_translate(self, sources: list[str], counters: Counter[str]) -> list[list[str | None]]:
+        """[[de_en or None per source], [ru_en or None per source]]; None where the output is degenerate."""
+        cfg = self.config
+        per_pivot = []
+        for pivot in PIVOTS:
+            middle = self._run(f"en_{pivot}", sources, counters)
+            back = self._run(f"{pivot}_en", middle, counters)
+            kept: list[str | None] = []
+            for src, mid, out in zip(sources, middle, back):
+                reason = None
+                for text in (mid, out):
+                    reason = reason or degenerate_reason(
+                        src, text, max_length_ratio=cfg.max_length_ratio, length_slack=cfg.length_slack,
+                        max_ngram_repeats=cfg.max_ngram_repeats)
+                if reason:
+                    counters[f"fallback_{reason}"] += 1
+                kept.append(None if reason else out)
+            per_pivot.append(kept)
+        return per_pivot
+
+    def _run(self, direction: str, texts: list[str], counters: Counter[str]) -> list[str]:
+        """Translate ``texts`` with one model: truncate, sort by token length, batch, restore order."""
+        import torch
+
+        cfg = self.config
+        d = self._directions[direction]
+        tok = d.tokenizer
+        ids = tok(texts, truncation=False, padding=False)["input_ids"]
+        for i, seq in enumerate(ids):
+            if len(seq) > cfg.max_input_tokens:
+                counters["truncated"] += 1
+                ids[i] = seq[:cfg.max_input_tokens - 1] + [tok.eos_token_id]
+        counters["model_inputs"] += len(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[str] = [""] * len(ids)
+        # Graph shapes are reused when source lengths are rounded up to a multiple of 8.
+        multiple = 8 if d.fast is not None and d.fast.use_graphs else 1
+        for start in range(0, len(order), cfg.batch_size):
+            chunk = order[start:start + cfg.batch_size]
+            width = -(-max(len(ids[i]) for i in chunk) // multiple) * multiple
+            input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+                mask[row, :len(ids[i])] = 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            if d.fast is not None:
+                generated = d.fast.generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
+            else:
+                with torch.inference_mode():
+                    generated = d.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                                 num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+            for i, text in zip(chunk, tok.batch_decode(generated.cpu(), skip_special_tokens=True)):
+                out[i] = text
+        return out

@@ -1,0 +1,144 @@
+"""Back-translation plumbing on tiny random MarianMT models built by the tests (tests/tiny_marian.py)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_marian import build_tiny_marian, build_tiny_marian_models  # noqa: E402
+
+from filters.backtranslation import (  # noqa: E402
+    BackTranslationConfig, BackTranslator, MissingModelError, check_models, degenerate_reason)
+
+# Thresholds off: random tiny models babble, and the plumbing tests must see the raw outputs.
+RAW = dict(max_ngram_repeats=0, max_length_ratio=1e6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster without OpenMP threads fighting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus(flickr_dir: Path) -> list[str]:
+    with open(flickr_dir / "captions.csv", newline="") as f:
+        return [row["caption"] for row in csv.DictReader(f)][:600]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> dict[str, str]:
+    return build_tiny_marian_models(tmp_path_factory.mktemp("tiny_marian"), corpus)
+
+
+@pytest.fixture(scope="session")
+def repeating_model(tiny_models: dict[str, str]) -> str:
+    """A tiny model whose greedy output is one word repeated until max_new_tokens."""
+    root = Path(tiny_models["en_de"]).parent
+    vocab = json.loads((Path(tiny_models["en_de"]) / "vocab.json").read_text())
+    word = next(p for p in vocab if p.startswith("▁") and p[1:].isalpha() and len(p) > 3)
+    return build_tiny_marian(root / "repeating", root / "shared.spm", seed=7, repeat_piece=word)
+
+
+def make(models: dict[str, str], **overrides: object) -> BackTranslator:
+    translator = BackTranslator(BackTranslationConfig(models=dict(models), **overrides))
+    translator.setup()
+    return translator
+
+
+def test_degenerate_reason_rules() -> None:
+    assert degenerate_reason("a dog runs", "") == "empty"
+    assert degenerate_reason("a dog runs", "   ") == "empty"
+    assert degenerate_reason("a dog runs", "the dog the dog the dog the dog runs") == "repetition"
+    assert degenerate_reason("a dog runs", "dog dog dog dog") == "repetition"
+    assert degenerate_reason("a dog runs", "dog dog dog", max_ngram_repeats=4) is None
+    assert degenerate_reason("a dog", "one two three four five six seven eight nine ten eleven") == "too_long"
+    assert degenerate_reason("a dog runs on the grass", "a dog is running on grass") is None
+
+
+def test_order_preserved_after_length_sorting(tiny_models: dict[str, str], corpus: list[str]) -> None:
+    # Lengths deliberately interleaved so that sorting by token length really reorders the inputs.
+    captions = sorted(corpus[:24], key=lambda c: (len(c) % 3, c))
+    batched = make(tiny_models, batch_size=5, max_new_tokens=12, cache_size=0, **RAW).translate(captions)
+    alone = make(tiny_models, batch_size=1, max_new_tokens=12, cache_size=0, **RAW)
+    singles = [alone.translate([c]) for c in captions]
+    assert batched.de == [s.de[0] for s in singles]
+    assert batched.ru == [s.ru[0] for s in singles]
+    assert len(set(batched.de)) > 5  # the outputs depend on the input, so a mix-up would show
+
+
+def test_fast_engine_matches_generate(tiny_models: dict[str, str], corpus: list[str]) -> None:
+    captions = corpus[100:148]
+    fast = make(tiny_models, engine="fast", batch_size=16, max_new_tokens=20, **RAW)
+    plain = make(tiny_models, engine="generate", batch_size=16, max_new_tokens=20, **RAW)
+    assert fast._directions["en_de"].fast is not None and plain._directions["en_de"].fast is None
+    a, b = fast.translate(captions), plain.translate(captions)
+    assert (a.de, a.ru) == (b.de, b.ru)
+
+
+def test_repeated_caption_translated_once(tiny_models: dict[str, str], corpus: list[str]) -> None:
+    translator = make(tiny_models, max_new_tokens=8, **RAW)
+    a, b = corpus[0], corpus[1]
+    first = translator.translate([a, b, "  " + a.upper() + " ", a])
+    assert first.counters["cache_misses"] == 2 and first.counters["cache_hits"] == 2
+    assert first.counters["translated"] == 2
+    assert first.counters["model_inputs"] == 2 * 4  # two unique captions through four models
+    assert first.de[0] == first.de[2] == first.de[3] and first.ru[0] == first.ru[3]
+    again = translator.translate([a])
+    assert again.counters["cache_hits"] == 1 and again.counters["model_inputs"] == 0
+    assert again.de == [first.de[0]]
+
+
+def test_truncation_counted(tiny_models: dict[str, str], corpus: list[str]) -> None:
+    long_caption = " ".join(corpus[:5])
+    # Pivot outputs stay within 6 + EOS tokens, so only the two English inputs exceed the limit.
+    result = make(tiny_models, max_input_tokens=8, max_new_tokens=6, **RAW).translate(
+        [long_caption, "A dog ."])
+    assert result.counters["truncated"] == 2
+
+
+def test_degenerate_output_falls_back_to_original(tiny_models: dict[str, str], repeating_model: str,
+                                                  corpus: list[str]) -> None:
+    captions = corpus[200:210]
+    models = {**tiny_models, "de_en": repeating_model}
+    result = make(models, max_new_tokens=16).translate(captions)
+    assert result.de == captions
+    fallbacks = sum(v for k, v in result.counters.items() if k.startswith("fallback_"))
+    kept_original = sum(d == c for d, c in zip(result.de, captions)) + sum(
+        r == c for r, c in zip(result.ru, captions))
+    assert fallbacks == kept_original and result.counters["fallback_repetition"] >= len(captions)
+    short = ["A dog .", "Two men ."]
+    too_long = make(models, max_new_tokens=16, max_ngram_repeats=0).translate(short)
+    assert too_long.de == short and too_long.counters["fallback_too_long"] >= 2
+
+
+def test_disabled_mode_skips_everything(tmp_path: Path) -> None:
+    missing = {d: str(tmp_path / "absent" / d) for d in ("en_de", "de_en", "en_ru", "ru_en")}
+    translator = BackTranslator(BackTranslationConfig(enabled=False, models=missing))
+    translator.setup()  # no model check, no loading
+    result = translator.translate(["A dog .", "A cat ."])
+    assert result.de == result.ru == ["A dog .", "A cat ."]
+    assert result.counters["skipped"] == 2 and result.counters["translated"] == 0
+
+
+def test_missing_model_is_a_clear_error(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    absent = str(tmp_path / "nowhere" / "opus-mt-de-en")
+    config = BackTranslationConfig(models={**tiny_models, "de_en": absent,
+                                           "ru_en": "no-such-org/opus-mt-ru-en-missing"})
+    with pytest.raises(MissingModelError) as error:
+        BackTranslator(config).setup()
+    message = str(error.value)
+    assert f"backtranslation.models.de_en: local model folder {absent!r} does not exist" in message
+    assert "backtranslation.models.ru_en: hub model 'no-such-org/opus-mt-ru-en-missing'" in message
+    assert "en_de" not in message
+    check_models(dataclasses.replace(config, models=tiny_models))  # the present ones pass
