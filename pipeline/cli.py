@@ -1,0 +1,168 @@
+"""The `filip` command. Heavy libraries are imported inside each command so `--help` is instant."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Build FILIP300M-style image-text corpora on Ray and pre-train FILIP on them.
+
+  filip build CONFIG        download, filter, deduplicate, back-translate and shard a URL list
+  filip stats OUTPUT        print the funnel of a run (rows per stage, drops per reason)
+  filip demo                run the whole job on a generated sample web served on 127.0.0.1
+  filip retry-failed OUTPUT write the rows that failed to download as a new URL list
+  filip train CONFIG        pre-train FILIP on the shards (one process, or many under torchrun)
+  filip eval CHECKPOINT     zero-shot classification, retrieval and linear probe
+  filip align CHECKPOINT IMAGE TEXT   draw the word-patch alignment of one image and caption
+"""
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build", help="run the corpus pipeline on a URL list",
+        description="Run every stage on the URL list named in CONFIG. Re-running the same command "
+                    "after a crash resumes: completed shards are skipped.")
+    p.add_argument("config", help="YAML config (see configs/demo.yaml, configs/cluster-example.yaml)")
+    p.add_argument("--input", help="override run.input (URL list: Parquet, CSV, TSV or JSON Lines)")
+    p.add_argument("--output", help="override run.output (local folder or s3://, gs:// URL)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_run_build)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    if getattr(args, "input", None):
+        out["run.input"] = args.input
+    if getattr(args, "output", None):
+        out["run.output"] = args.output
+    if getattr(args, "ray_address", None):
+        out["run.ray_address"] = args.ray_address
+    return out
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.funnel import format_funnel
+
+    config = load_config(args.config, _overrides(args))
+    summary = build(config)
+    print(format_funnel(summary))
+    print(f"\noutput: {config.run.output}")
+    return 0
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="print the funnel of a finished or running build",
+                       description="Print each stage's rows in and out and every drop or failure "
+                                   "reason with its count and share, from OUTPUT/stats.json.")
+    p.add_argument("output", help="the output folder of a build")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report to FILE")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from pipeline.funnel import format_funnel, load_summary
+
+    summary = load_summary(args.output)
+    print(format_funnel(summary))
+    if args.html:
+        from pipeline.report import write_html_report
+
+        write_html_report(args.output, args.html)
+        print(f"\nHTML report: {args.html}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole job on a generated sample web (127.0.0.1 only)",
+                       description="Generate a small sample web (varied images, duplicates, broken "
+                                   "URLs), serve it on 127.0.0.1, run build with configs/demo.yaml, "
+                                   "and print the statistics.")
+    p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
+    p.add_argument("--config", default=None, help="config to use (default: configs/demo.yaml)")
+    p.add_argument("--skip-train", action="store_true", help="stop after the corpus is built")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.output, args.config, train=not args.skip_train)
+
+
+def _add_retry(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retry-failed", help="write the rows that failed to download as a URL list",
+                       description="Collect every row of OUTPUT that failed to download (optionally "
+                                   "only some reasons) into a Parquet URL list with the original "
+                                   "columns and row_id, to feed to a new `filip build`.")
+    p.add_argument("output", help="the output folder of a build")
+    p.add_argument("--to", required=True, help="Parquet file to write")
+    p.add_argument("--reason", action="append", help="only this failure reason (repeatable), e.g. timeout")
+    p.set_defaults(func=_run_retry)
+
+
+def _run_retry(args: argparse.Namespace) -> int:
+    from pipeline.retry import write_failed_rows
+
+    n = write_failed_rows(args.output, args.to, args.reason)
+    print(f"{n} failed rows written to {args.to}")
+    return 0
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    # The model commands import torch; their own parsers are built only when they run, so
+    # `filip --help` stays instant. `filip train --help` shows the command's full options.
+    for name, module, help_text in (
+        ("train", "filip.trainer", "pre-train FILIP (or CLIP) on WebDataset shards"),
+        ("eval", "filip.evaluate", "evaluate a checkpoint: zero-shot, retrieval, linear probe"),
+        ("align", "filip.align", "draw word-patch alignment for one image and caption"),
+    ):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(module=module, func=_run_model_command, command_help=help_text)
+
+
+def _run_model_command(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(args.module)
+    parser = argparse.ArgumentParser(prog=f"filip {args.command}", description=args.command_help)
+    module.add_cli_arguments(parser)
+    return int(module.cli_main(parser.parse_args(args.rest)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filip", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_build(sub)
+    _add_stats(sub)
+    _add_demo(sub)
+    _add_retry(sub)
+    _add_model_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from pipeline.configtools import ConfigError
+    from pipeline.input import InputError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, InputError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The run configuration: one typed section per stage plus run-level settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pipeline.configtools import ConfigError, dump_yaml, from_mapping, load_yaml
+from pipeline.stage import Resources
+
+INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl")
+
+
+@dataclass
+class RunConfig:
+    """Where the input and output are, how big a shard is, which Ray to use."""
+
+    input: str
+    output: str
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_column: str = "url"
+    caption_column: str = "caption"
+    shard_size: int = 10000  # rows per download shard (img2dataset's number_sample_per_shard)
+    ray_address: str | None = None
+    allow_private_networks: bool = False  # the address guard; the demo and tests turn it off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError("run.shard_size must be at least 1")
+
+
+@dataclass
+class DownloadConfig:
+    """img2dataset's settings (same names and meanings as its CLI)."""
+
+    image_size: int = 256
+    # keep_ratio: the shorter side becomes image_size (never upscaled below), so a 224 crop for
+    # training always has real pixels; original_width/original_height record the source size.
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    thread_count: int = 64
+    timeout: float = 10.0
+    retries: int = 0
+    user_agent_token: str | None = "filip-corpus"
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class PipelineConfig:
+    """The whole `filip build` configuration file."""
+
+    run: RunConfig
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    return load_yaml(PipelineConfig, path, overrides)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> PipelineConfig:
+    return from_mapping(PipelineConfig, data, source)
+
+
+__all__ = ["PipelineConfig", "RunConfig", "DownloadConfig", "ConfigError", "load_config",
+           "config_from_dict", "dump_yaml"]

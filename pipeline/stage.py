@@ -1,0 +1,157 @@
+"""The stage contract: small, Ray-free, testable alone.
+
+A stage turns the shard `NNNNN` of its input folder into the shard `NNNNN` of its own folder.
+`setup()` runs once per worker (load a model there), `run_shard()` once per shard, `teardown()` at
+the end. Scheduling (workers, CPUs, GPUs, batch size) lives in `Resources`, apart from the
+algorithm's own settings. `pipeline/ray_adapter.py` is the one place that runs stages on Ray.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.stats import StageStats
+from pipeline.storage import Storage
+
+DROP_REASON = "drop_reason"
+DROP_KIND = "drop_kind"  # "dropped" (a decision) or "failed" (could not be processed)
+
+
+@dataclass
+class Resources:
+    """How a stage is scheduled: per-worker CPUs and GPUs, worker count, rows per batch."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int | None = None  # workers; None: as many as the cluster's CPUs allow
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 and self.num_gpus <= 0:
+            raise ValueError("resources need num_cpus > 0 or num_gpus > 0")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("resources.concurrency must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("resources.batch_size must be at least 1")
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+class Stage(ABC):
+    """One step of the pipeline over shards. Subclasses set `name` and implement `run_shard`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, output: str, resources: Resources | None = None):
+        self.output = output
+        self.resources = resources or Resources()
+        self._storage: Storage | None = None
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:  # built lazily: fsspec handles are not sent to Ray workers
+            self._storage = Storage(self.output)
+        return self._storage
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_storage"] = None
+        return state
+
+    def setup(self) -> None:
+        """Load models and other per-worker state once."""
+
+    def teardown(self) -> None:
+        """Free what setup() took."""
+
+    @abstractmethod
+    def run_shard(self, shard: str) -> StageStats:
+        """Process shard `shard` (e.g. "00012"), write its outputs atomically, return its counters."""
+
+    def done_marker(self, shard: str) -> str:
+        return f"{self.name}/{shard}.done"
+
+    def is_done(self, shard: str) -> bool:
+        return self.storage.exists(self.done_marker(shard))
+
+    def finish_shard(self, shard: str, stats: StageStats) -> None:
+        """Counters first, then the marker: a shard is complete only once its marker exists."""
+        stats.shards = 1
+        self.storage.write_json(f"{self.name}/{shard}.stats.json", stats.to_dict())
+        self.storage.write_text(self.done_marker(shard), "")
+
+
+def kept_rows(table: pa.Table) -> pa.Table:
+    """Rows that a stage passed on: no drop reason (or img2dataset's `success`)."""
+    if DROP_REASON in table.column_names:
+        return table.filter(pc.is_null(table[DROP_REASON]))
+    if "status" in table.column_names:
+        return table.filter(pc.equal(table["status"], "success"))
+    return table
+
+
+class RecordStage(Stage):
+    """A stage that scores records and decides which to keep, batch by batch.
+
+    It reads the kept rows of `input_stage`'s shard, attaches image bytes from the download tar
+    when `needs_images`, calls `process_batch`, and writes every row it received with its score
+    columns and `drop_reason` / `drop_kind` (null when kept). The base class does the counting.
+    """
+
+    needs_images: ClassVar[bool] = False
+
+    def __init__(self, output: str, input_stage: str, resources: Resources | None = None):
+        super().__init__(output, resources)
+        self.input_stage = input_stage
+        self.counters: Counter = Counter()
+
+    @abstractmethod
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        """Return the same rows, in order, with score columns and `drop_reason`/`drop_kind` added."""
+
+    def run_shard(self, shard: str) -> StageStats:
+        from pipeline.records import attach_images, finalize_decisions, read_stage_shard
+
+        start = time.perf_counter()
+        self.counters = Counter()
+        rows = kept_rows(read_stage_shard(self.storage, self.input_stage, shard))
+        rows = rows.drop_columns([c for c in (DROP_REASON, DROP_KIND) if c in rows.column_names])
+        if self.needs_images:
+            rows = attach_images(self.storage, shard, rows)
+        outputs = []
+        step = self.resources.batch_size
+        for offset in range(0, rows.num_rows, step):
+            batch = rows.slice(offset, step)
+            result = finalize_decisions(self.process_batch(batch))
+            if result.num_rows != batch.num_rows:
+                raise RuntimeError(f"stage {self.name} returned {result.num_rows} rows for {batch.num_rows}")
+            outputs.append(result.drop_columns([c for c in ("image",) if c in result.column_names]))
+        table = pa.concat_tables(outputs, promote_options="permissive") if outputs else finalize_decisions(
+            rows.drop_columns([c for c in ("image",) if c in rows.column_names]))
+        self.storage.write_parquet(f"{self.name}/{shard}.parquet", table)
+        stats = stats_from_decisions(self.name, table)
+        stats.counters.update(self.counters)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+
+def stats_from_decisions(stage: str, table: pa.Table) -> StageStats:
+    stats = StageStats(stage=stage, rows_in=table.num_rows)
+    reasons = table[DROP_REASON].to_pylist()
+    kinds = table[DROP_KIND].to_pylist()
+    for reason, kind in zip(reasons, kinds):
+        if reason is None:
+            stats.rows_out += 1
+        elif kind == "failed":
+            stats.failed[reason] += 1
+        else:
+            stats.dropped[reason] += 1
+    return stats

@@ -1,0 +1,106 @@
+"""Output storage on any fsspec filesystem (local disk, S3, GCS) with atomic writes.
+
+A file is written under a temporary name in its final folder and then moved into place, so a
+reader never sees a partial file under the final name. On object stores the move is a copy and a
+delete; correctness there rests on the `.done` marker, which is written only after the outputs.
+"""
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class Storage:
+    """The output folder of a run. Paths given to methods are relative to it."""
+
+    def __init__(self, root: str):
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.root = path.rstrip("/")
+        self.url = root.rstrip("/")
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def full_url(self, rel: str) -> str:
+        """A path another process or library can open (keeps the protocol for object stores)."""
+        return self.fs.unstrip_protocol(self.path(rel)) if not self.is_local else self.path(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Relative paths matching `pattern`, sorted."""
+        prefix = self.root + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.glob(self.path(pattern)))
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=recursive)
+
+    def _tmp_name(self, rel: str) -> str:
+        folder, _, name = rel.rpartition("/")
+        tmp = f".tmp-{uuid.uuid4().hex[:8]}-{name}"
+        return f"{folder}/{tmp}" if folder else tmp
+
+    def move(self, src_rel: str, dst_rel: str) -> None:
+        self.fs.mv(self.path(src_rel), self.path(dst_rel))
+
+    @contextmanager
+    def atomic_open(self, rel: str, mode: str = "wb") -> Iterator[Any]:
+        """Write to a temporary sibling and move it to `rel` when the block ends without error."""
+        folder = rel.rpartition("/")[0]
+        if folder:
+            self.makedirs(folder)
+        tmp = self._tmp_name(rel)
+        try:
+            with self.fs.open(self.path(tmp), mode) as handle:
+                yield handle
+            self.move(tmp, rel)
+        except BaseException:
+            self.remove(tmp)
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.atomic_open(rel, "wb") as handle:
+            handle.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_text(rel, json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
+
+    def read_json(self, rel: str) -> Any:
+        with self.fs.open(self.path(rel), "rb") as handle:
+            return json.load(handle)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as handle:
+            return handle.read()
+
+    def write_parquet(self, rel: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.write_bytes(rel, buffer.getvalue())
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(rel), "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def clean_temporaries(self, folder: str) -> int:
+        """Remove temporaries left by a killed writer; returns how many."""
+        leftovers = self.glob(f"{folder}/.tmp-*")
+        for rel in leftovers:
+            self.remove(rel, recursive=True)
+        return len(leftovers)
