@@ -60,6 +60,11 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
     for stage in pipeline_stages(config):
         run_stage(stage, shards, progress)
         all_stats.append(collect_stats(storage, stage.name, shards))
+    from pipeline.decisions import write_decisions
+
+    stage_names = [s.stage for s in all_stats[1:]]
+    decisions = write_decisions(storage, stage_names, shards)
+    progress(f"[decisions] {decisions.num_rows} rows recorded in decisions.parquet")
     summary = {"stages": [s.to_dict() for s in all_stats], "shards": shards}
     storage.write_json("stats.json", summary)
     return summary
