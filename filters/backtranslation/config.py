@@ -37,6 +37,9 @@ class BackTranslationConfig:
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
     engine: str = "auto"  # auto (fast greedy loop when num_beams == 1) | fast | generate
     cuda_graphs: bool = True  # replay each decode step as a CUDA graph (GPU, fast engine only)
+    # sdpa: same tokens as generate (checked on an H100); matmul: ~15% faster on an H100, but in
+    # float16 about 1% of sequences differ from generate's by rounding (docs/BENCHMARKS.md).
+    fast_attention: str = "sdpa"
     max_length_ratio: float = 3.0  # output words > ratio * source words + length_slack -> too_long
     length_slack: int = 4
     max_ngram_repeats: int = 4  # an n-gram (n <= 4) repeated this many times in a row -> repetition
@@ -49,6 +52,7 @@ class BackTranslationConfig:
             raise ValueError(f"backtranslation.models must name exactly {list(DIRECTIONS)}; "
                              f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
         for name, allowed in (("device", ("auto", "cpu", "cuda")), ("engine", ("auto", "fast", "generate")),
+                              ("fast_attention", ("sdpa", "matmul")),
                               ("dtype", ("auto", "float32", "float16", "bfloat16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"backtranslation.{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -68,18 +68,18 @@ class _DecodeState:
         self.self_v = torch.zeros_like(self.self_k)
         self.cross_k = torch.zeros(n_layers, batch, heads, src_len, head_dim, dtype=dtype, device=device)
         self.cross_v = torch.zeros_like(self.cross_k)
-        self.src_mask = torch.zeros(batch, 1, 1, src_len, dtype=torch.bool, device=device)
+        self.src_bias = torch.zeros(batch, 1, 1, src_len, dtype=dtype, device=device)  # 0 or -inf (padding)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.out = torch.zeros(batch, steps, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: list[torch.cuda.CUDAGraph] = []  # one per output position
 
 
 class FastGreedyDecoder:
     """Greedy ``generate`` replacement for one MarianMTModel (eval mode, any device and dtype)."""
 
-    def __init__(self, model: Any, cuda_graphs: bool = True, max_graphs: int = 3, check_every: int = 4) -> None:
+    def __init__(self, model: Any, cuda_graphs: bool = True, attention: str = "sdpa", max_graphs: int = 3,
+                 check_every: int = 4) -> None:
         problems = unsupported_generation_options(model)
         if problems:
             raise ValueError(f"generation options not supported by the fast greedy loop: {problems}")
@@ -92,8 +92,12 @@ class FastGreedyDecoder:
         self.embed = dec.embed_tokens.weight
         self.embed_scale = dec.embed_scale
         self.positions = dec.embed_positions.weight
-        self.lm_weight = model.lm_head.weight
-        self.lm_bias = model.final_logits_bias[0]
+        # The output projection is padded to a multiple of 64 rows (zero weights, -inf bias): 58,101
+        # columns of logits make an unaligned row stride, which keeps cuBLAS off its fastest kernels.
+        weight, bias = model.lm_head.weight, model.final_logits_bias[0]
+        extra = -weight.shape[0] % 64
+        self.lm_weight = torch.cat([weight, weight.new_zeros(extra, weight.shape[1])])
+        self.lm_bias = torch.cat([bias, bias.new_full((extra,), float("-inf"))])
         self.layers = [self._fuse(layer) for layer in dec.layers]
         gen = model.generation_config
         self.pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
@@ -105,10 +109,15 @@ class FastGreedyDecoder:
         self.forced_eos = forced[0] if forced else None
         self.device = self.embed.device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.attention = attention  # sdpa | matmul (explicit, for one query per sequence)
         self.max_graphs = max_graphs
         self.check_every = check_every
         self._states: OrderedDict[tuple[int, ...], _DecodeState] = OrderedDict()
+        # Index tensors live on the device: a host-to-device copy is not allowed inside graph capture.
         self._eos_t = torch.tensor(self.eos, device=self.device)
+        self._banned_t = torch.tensor(self.banned, dtype=torch.long, device=self.device)
+        self._pad_t = torch.tensor(self.pad, device=self.device)
+        self._forced_t = torch.tensor(self.forced_eos if self.forced_eos is not None else -1, device=self.device)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -122,43 +131,52 @@ class FastGreedyDecoder:
             cross_out=ca.out_proj, cross_norm=layer.encoder_attn_layer_norm,
             fc1=layer.fc1, fc2=layer.fc2, final_norm=layer.final_layer_norm, act=layer.activation_fn)
 
-    def _step(self, st: _DecodeState, min_new: int, max_new: int) -> None:
-        """One token for the whole batch; only tensor ops on ``st`` so that it can be graph-captured."""
-        batch, steps = st.out.shape
-        t = st.pos
-        h = F.embedding(st.tokens, self.embed) * self.embed_scale + self.positions.index_select(0, t)
-        self_mask = (torch.arange(st.self_k.shape[3], device=t.device) <= t).view(1, 1, 1, -1)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one query per sequence; ``bias`` is 0 / -inf over the keys (None: all visible)."""
+        if self.attention == "sdpa":
+            mask = None if bias is None else bias == 0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        # One query: two batched matrix-vector products that read K and V once, no kernel tiling waste.
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        if bias is not None:
+            scores = scores + bias
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+    def _step(self, st: _DecodeState, t: int, min_new: int, max_new: int) -> None:
+        """Token ``t`` for the whole batch; only tensor ops on ``st``, so that it can be graph-captured.
+
+        ``t`` is a Python int: each step is its own graph, and self-attention reads only the t + 1
+        filled cache slots (no mask, half the cache traffic of a fixed-length step on average).
+        """
+        batch = st.out.shape[0]
+        h = F.embedding(st.tokens, self.embed) * self.embed_scale + self.positions[t]
         for i, lw in enumerate(self.layers):
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(batch, 3, self.heads, 1, self.head_dim)
-            st.self_k[i].index_copy_(2, t, qkv[:, 1])
-            st.self_v[i].index_copy_(2, t, qkv[:, 2])
-            a = F.scaled_dot_product_attention(qkv[:, 0], st.self_k[i], st.self_v[i], attn_mask=self_mask,
-                                               scale=self.scaling)
+            st.self_k[i, :, :, t:t + 1].copy_(qkv[:, 1])
+            st.self_v[i, :, :, t:t + 1].copy_(qkv[:, 2])
+            a = self._attend(qkv[:, 0], st.self_k[i, :, :, :t + 1], st.self_v[i, :, :, :t + 1], None)
             h = lw.self_norm(h + lw.self_out(a.reshape(batch, -1)))
             q = lw.cross_q(h).view(batch, self.heads, 1, self.head_dim)
-            a = F.scaled_dot_product_attention(q, st.cross_k[i], st.cross_v[i], attn_mask=st.src_mask,
-                                               scale=self.scaling)
+            a = self._attend(q, st.cross_k[i], st.cross_v[i], st.src_bias)
             h = lw.cross_norm(h + lw.cross_out(a.reshape(batch, -1)))
             h = lw.final_norm(h + lw.fc2(lw.act(lw.fc1(h))))
         # Bias added apart from the matmul, as MarianMTModel does, so the rounding is the same.
         logits = F.linear(h, self.lm_weight) + self.lm_bias
         if self.banned:
-            logits[:, self.banned] = float("-inf")
-        if min_new > 0:
-            early = (t < min_new).view(1, 1)
-            logits[:, self.eos] = logits[:, self.eos].masked_fill(early, float("-inf"))
-        nxt = logits.argmax(dim=-1)
-        if self.forced_eos is not None:
-            nxt = torch.where(t == max_new - 1, self.forced_eos, nxt)
-        nxt = torch.where(st.finished, self.pad, nxt)
-        st.finished |= torch.isin(nxt, self._eos_t)
-        st.out.index_copy_(1, t, nxt.unsqueeze(1))
+            logits.index_fill_(1, self._banned_t, float("-inf"))
+        if t < min_new:
+            logits.index_fill_(1, self._eos_t, float("-inf"))
+        if self.forced_eos is not None and t == max_new - 1:
+            nxt = self._forced_t.expand(batch)
+        else:
+            nxt = logits.argmax(dim=-1)
+        nxt = torch.where(st.finished, self._pad_t, nxt)
+        st.finished |= (nxt.unsqueeze(1) == self._eos_t).any(dim=1)
+        st.out[:, t].copy_(nxt)
         st.tokens.copy_(nxt)
-        st.pos.add_(1)
 
     def _reset(self, st: _DecodeState) -> None:
         st.tokens.fill_(self.start)
-        st.pos.zero_()
         st.finished.zero_()
         st.out.fill_(self.pad)
 
@@ -176,14 +194,18 @@ class FastGreedyDecoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._reset(st)
-                    self._step(st, min_new, max_new)
+                self._reset(st)
+                for t in range(max_new):
+                    self._step(st, t, min_new, max_new)
             torch.cuda.current_stream().wait_stream(side)
             self._reset(st)
-            st.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(st.graph):
-                self._step(st, min_new, max_new)
+            pool = None  # the steps run one after another, so they can share one memory pool
+            for t in range(max_new):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(st, t, min_new, max_new)
+                pool = graph.pool()
+                st.graphs.append(graph)
         self._states[key] = st
         return st
 
@@ -198,14 +220,15 @@ class FastGreedyDecoder:
             kv = F.linear(enc, lw.cross_kv_w, lw.cross_kv_b).view(batch, src_len, 2, self.heads, self.head_dim)
             st.cross_k[i].copy_(kv[:, :, 0].transpose(1, 2))
             st.cross_v[i].copy_(kv[:, :, 1].transpose(1, 2))
-        st.src_mask.copy_(attention_mask.bool().view(batch, 1, 1, src_len))
+        st.src_bias.copy_(torch.zeros_like(st.src_bias).masked_fill(
+            attention_mask.view(batch, 1, 1, src_len) == 0, float("-inf")))
         self._reset(st)
         done = max_new_tokens
         for step in range(max_new_tokens):
-            if st.graph is not None:
-                st.graph.replay()
+            if st.graphs:
+                st.graphs[step].replay()
             else:
-                self._step(st, min_new_tokens, max_new_tokens)
+                self._step(st, step, min_new_tokens, max_new_tokens)
             # .all() forces a device sync, so it is asked only every few steps.
             if (step + 1) % self.check_every == 0 and bool(st.finished.all()):
                 done = step + 1

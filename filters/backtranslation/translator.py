@@ -83,7 +83,7 @@ class BackTranslator:
                 if problems and cfg.engine == "fast":
                     raise ValueError(f"backtranslation.engine=fast cannot honour {problems} of {name!r}")
                 if not problems:
-                    fast = FastGreedyDecoder(model, cuda_graphs=cfg.cuda_graphs)
+                    fast = FastGreedyDecoder(model, cuda_graphs=cfg.cuda_graphs, attention=cfg.fast_attention)
             self._directions[direction] = _Direction(tokenizer, model, fast)
         logger.info("back-translation models loaded on %s (%s, engine %s)", self.device, dtype_name,
                     "fast" if self._directions["en_de"].fast else "generate")

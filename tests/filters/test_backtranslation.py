@@ -4,16 +4,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_marian import build_tiny_marian, build_tiny_marian_models  # noqa: E402
-
-from filters.backtranslation import (  # noqa: E402
+from filters.backtranslation import (
     BackTranslationConfig, BackTranslator, MissingModelError, check_models, degenerate_reason)
+from tests.tiny_marian import build_tiny_marian, build_tiny_marian_models
 
 # Thresholds off: random tiny models babble, and the plumbing tests must see the raw outputs.
 RAW = dict(max_ngram_repeats=0, max_length_ratio=1e6)
@@ -51,6 +48,7 @@ def repeating_model(tiny_models: dict[str, str]) -> str:
 
 
 def make(models: dict[str, str], **overrides: object) -> BackTranslator:
+    overrides.setdefault("device", "cpu")  # deterministic float32 everywhere; the GPU test sets its own
     translator = BackTranslator(BackTranslationConfig(models=dict(models), **overrides))
     translator.setup()
     return translator
@@ -84,6 +82,9 @@ def test_fast_engine_matches_generate(tiny_models: dict[str, str], corpus: list[
     assert fast._directions["en_de"].fast is not None and plain._directions["en_de"].fast is None
     a, b = fast.translate(captions), plain.translate(captions)
     assert (a.de, a.ru) == (b.de, b.ru)
+    matmul = make(tiny_models, engine="fast", fast_attention="matmul", batch_size=16, max_new_tokens=20, **RAW)
+    c = matmul.translate(captions)
+    assert (c.de, c.ru) == (b.de, b.ru)
 
 
 def test_repeated_caption_translated_once(tiny_models: dict[str, str], corpus: list[str]) -> None:
@@ -142,3 +143,18 @@ def test_missing_model_is_a_clear_error(tiny_models: dict[str, str], tmp_path: P
     assert "backtranslation.models.ru_en: hub model 'no-such-org/opus-mt-ru-en-missing'" in message
     assert "en_de" not in message
     check_models(dataclasses.replace(config, models=tiny_models))  # the present ones pass
+
+
+@pytest.mark.gpu
+def test_cuda_graph_engine_matches_generate(tiny_models: dict[str, str], corpus: list[str]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    captions = corpus[300:364]
+    common = dict(device="cuda", dtype="float32", batch_size=16, max_new_tokens=20, **RAW)
+    graphs = make(tiny_models, engine="fast", cuda_graphs=True, **common)
+    plain = make(tiny_models, engine="generate", **common)
+    assert graphs._directions["en_de"].fast.use_graphs
+    a, b = graphs.translate(captions), plain.translate(captions)
+    assert (a.de, a.ru) == (b.de, b.ru)
