@@ -111,7 +111,10 @@ def zeroshot_logits(images: ImageFeatureBank, prompts: TextFeatureBank, num_clas
     class_of_text = torch.arange(len(prompts)) // num_templates
     # Accumulating each block into its classes keeps memory at [N, C], never [N, C x T].
     for block in iter_score_blocks(images, prompts, loss_kind, device):
-        scores = {"i2t": block.i2t, "t2i": block.t2i}.get(similarity, (block.i2t + block.t2i) / 2)
+        if similarity == "mean":
+            scores = (block.i2t + block.t2i) / 2
+        else:
+            scores = block.i2t if similarity == "i2t" else block.t2i
         logits[block.i0:block.i1].index_add_(1, class_of_text[block.j0:block.j1], scores / num_templates)
     return logits
 
