@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used, so `filip --help` stays fast
+    import torch
 
-log = logging.getLogger(__name__)
 
 GRID_COLOUR = (255, 255, 255)
 # Saturated colours, none of them pure white, so grid lines stay identifiable in the picture.
@@ -62,14 +62,16 @@ def display_token(piece: str) -> str:
     return piece.replace("\u2581", "").replace("</w>", "") or piece
 
 
-@torch.inference_mode()
 def compute_alignment(bundle, image, text: str, device: str | torch.device = "cpu") -> Alignment:
     """Encodes one PIL image and one text with the checkpoint and pairs their tokens."""
+    import torch
+
     model = bundle.model.to(device).eval()
     pixels = bundle.image_transform(image.convert("RGB")).unsqueeze(0).to(device)
     ids, mask = bundle.tokenizer([text])
-    image_features = model.encode_image(pixels)
-    text_features = model.encode_text(ids.to(device), mask.to(device))
+    with torch.inference_mode():
+        image_features = model.encode_image(pixels)
+        text_features = model.encode_text(ids.to(device), mask.to(device))
     counted = text_features.mask[0].nonzero().flatten().tolist()
     pieces = bundle.tokenizer.token_strings(text)
     tokens = [pieces[p] if p < len(pieces) else f"#{p}" for p in counted]

@@ -23,7 +23,8 @@ COLUMN_TITLES = {
     "top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall",
     "i2t_r1": "I→T R@1", "i2t_r5": "I→T R@5", "i2t_r10": "I→T R@10",
     "t2i_r1": "T→I R@1", "t2i_r5": "T→I R@5", "t2i_r10": "T→I R@10", "rsum": "RSUM",
-    "localisation": "localisation", "other_object": "other object", "chance": "chance", "object_word_tokens": "object-word tokens",
+    "localisation": "localisation", "other_object": "other object", "chance": "chance",
+    "object_word_tokens": "object-word tokens",
 }
 TASK_TITLES = {"zeroshot": "Zero-shot classification (%)", "retrieval": "Image-text retrieval (%)",
                "linear_probe": "Linear probe (%)", "localisation": "Word-patch localisation (%)"}

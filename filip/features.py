@@ -7,7 +7,6 @@ images x texts x patches x tokens tensor (the FILIP paper's point about late int
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-log = logging.getLogger(__name__)
 
 # Elements of the [Bi, Bt, P, L] product one block may hold (float32: 4 bytes each), about 256 MB.
 DEFAULT_BLOCK_ELEMENTS = 64 * 1024 * 1024

@@ -10,7 +10,8 @@ import torch
 
 from filip.align import GRID_COLOUR, add_cli_arguments, cli_main
 from filip.checkpoint import load_for_inference
-from filip.scenes import evaluate_localisation, generate_scenes, localisation_counts, patch_coverage, word_positions
+from filip.scenes import (evaluate_localisation, generate_scenes, localisation_counts, patch_coverage,
+                          word_positions)
 
 
 def test_align_png_has_the_model_grid(tiny_checkpoint: Path, flickr_dir: Path, tmp_path: Path) -> None:
