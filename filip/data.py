@@ -159,6 +159,7 @@ class ShardDataset(IterableDataset):
         skip, batch_index = self.resume.get(worker, (0, 0))
         images: list[torch.Tensor] = []
         captions: list[str] = []
+        keys: list[str] = []
         for position, sample in enumerate(self._raw_samples(worker, num_workers)):
             if position < skip:
                 continue  # consumed before the resume: not even decoded
@@ -171,16 +172,17 @@ class ShardDataset(IterableDataset):
                     torch.manual_seed(sample_seed)
                     images.append(self.image_transform(image))
                 captions.append(caption)
+                keys.append(str(sample.get("__key__")))
             except Exception as error:  # a bad sample must not stop a long run
                 logger.warning("skipping sample %s: %s", sample.get("__key__"), error)
                 continue
             if len(images) == self.batch_size:
                 ids, mask = self.tokenizer(captions)
-                yield {"images": torch.stack(images), "ids": ids, "mask": mask,
+                yield {"images": torch.stack(images), "ids": ids, "mask": mask, "keys": keys,
                        "worker": worker, "batch_index": batch_index, "epoch": self.epoch,
                        "position": position + 1}
                 batch_index += 1
-                images, captions = [], []
+                images, captions, keys = [], [], []
         # A partial last batch is dropped: every step sees the same global batch size.
 
 

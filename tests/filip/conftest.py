@@ -101,6 +101,14 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_config_writer() -> Any:
+    """`(shards_dir, output_dir, path, **kwargs) -> path` writing a tiny train config YAML."""
+    def write(shards_dir: Path, output_dir: Path, path: Path, **kwargs: Any) -> Path:
+        return write_config(tiny_train_config(shards_dir, output_dir, **kwargs), path)
+    return write
+
+
+@pytest.fixture(scope="session")
 def flickr_shard_builder(flickr_dir: Path) -> Any:
     """`build_flickr_shards` itself, for tests that want their own shard layout."""
     def build(out_dir: str | Path, n_images: int, shard_size: int, **kwargs: Any) -> list[str]:
