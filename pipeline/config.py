@@ -5,6 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from filters.backtranslation import BackTranslationConfig
+from filters.caption import CaptionFilterConfig
+from filters.dedup import DedupConfig
+from filters.resolution import ResolutionFilterConfig
+from filters.unsafe import UnsafeFilterConfig
 from pipeline.configtools import ConfigError, dump_yaml, from_mapping, load_yaml
 from pipeline.stage import Resources
 
@@ -51,11 +56,61 @@ class DownloadConfig:
 
 
 @dataclass
+class InspectConfig:
+    """Decode and hash every image; the resolution/shape and caption filters."""
+
+    resolution: ResolutionFilterConfig = field(default_factory=ResolutionFilterConfig)
+    caption: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class DedupStageConfig(DedupConfig):
+    """Global exact (sha256) and near (pHash Hamming distance) deduplication."""
+
+    enabled: bool = True
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class UnsafeStageConfig(UnsafeFilterConfig):
+    """The NudeNet unsafe-image filter (onnxruntime on GPU when there is one)."""
+
+    enabled: bool = True
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class BackTranslationStageConfig(BackTranslationConfig):
+    """Caption back-translation through German and Russian (MarianMT)."""
+
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class ShardsConfig:
+    """The final WebDataset shards for training."""
+
+    samples_per_shard: int = 10000
+    seed: int = 0  # the deterministic shuffle of samples across shards
+    dropped_samples_per_reason: int = 4  # thumbnails kept per reason and shard for the report
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError("shards.samples_per_shard must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     """The whole `filip build` configuration file."""
 
     run: RunConfig
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    dedup: DedupStageConfig = field(default_factory=DedupStageConfig)
+    unsafe: UnsafeStageConfig = field(default_factory=UnsafeStageConfig)
+    backtranslation: BackTranslationStageConfig = field(default_factory=BackTranslationStageConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:

@@ -114,6 +114,10 @@ class DownloadStage(Stage):
                         writer.write_table(ordered)
                 downloader = self._make_downloader(storage.full_url(tmp_rel), columns)
                 downloader.download_shard((int(shard), feather))
+            # img2dataset writes rows in completion order (a thread pool); sorted by key, every
+            # later stage and a resumed run see the same order.
+            written = storage.read_parquet(f"{tmp_rel}/{shard}.parquet")
+            storage.write_parquet(f"{tmp_rel}/{shard}.parquet", written.sort_by("key"))
             # img2dataset's stats file last: other tools take it as img2dataset's completion mark.
             for suffix in (".tar", ".parquet", "_stats.json"):
                 storage.move(f"{tmp_rel}/{shard}{suffix}", f"{self.name}/{shard}{suffix}")

@@ -49,6 +49,25 @@ def attach_images(storage: Storage, shard: str, rows: pa.Table) -> pa.Table:
     return rows.append_column("tar_size", pa.array([p[2] if p else None for p in picked], pa.int64()))
 
 
+def thumbnail(data: bytes | None, size: int = 128) -> bytes | None:
+    """A small JPEG of an image for the report's gallery; None when it cannot be decoded."""
+    import io
+
+    from PIL import Image
+
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=80)
+            return out.getvalue()
+    except Exception:  # a truncated or corrupt file is exactly what the gallery may show
+        return None
+
+
 def finalize_decisions(table: pa.Table) -> pa.Table:
     """Make sure `drop_reason` and `drop_kind` exist as strings (`dropped` where a reason is set)."""
     n = table.num_rows

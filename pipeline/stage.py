@@ -107,6 +107,7 @@ class RecordStage(Stage):
     """
 
     needs_images: ClassVar[bool] = False
+    samples_per_reason: int = 4  # thumbnails of dropped rows kept per reason and shard (the report)
 
     def __init__(self, output: str, input_stage: str, resources: Resources | None = None):
         super().__init__(output, resources)
@@ -126,14 +127,19 @@ class RecordStage(Stage):
         rows = rows.drop_columns([c for c in (DROP_REASON, DROP_KIND) if c in rows.column_names])
         if self.needs_images:
             rows = attach_images(self.storage, shard, rows)
-        outputs = []
+        outputs, samples = [], []
+        taken: Counter = Counter()
         step = self.resources.batch_size
         for offset in range(0, rows.num_rows, step):
             batch = rows.slice(offset, step)
             result = finalize_decisions(self.process_batch(batch))
             if result.num_rows != batch.num_rows:
                 raise RuntimeError(f"stage {self.name} returned {result.num_rows} rows for {batch.num_rows}")
+            if "image" in result.column_names:
+                samples.extend(self._dropped_samples(result, taken))
             outputs.append(result.drop_columns([c for c in ("image",) if c in result.column_names]))
+        if samples:
+            self.storage.write_parquet(f"{self.name}/samples/{shard}.parquet", pa.Table.from_pylist(samples))
         table = pa.concat_tables(outputs, promote_options="permissive") if outputs else finalize_decisions(
             rows.drop_columns([c for c in ("image",) if c in rows.column_names]))
         self.storage.write_parquet(f"{self.name}/{shard}.parquet", table)
@@ -141,6 +147,20 @@ class RecordStage(Stage):
         stats.counters.update(self.counters)
         stats.seconds = time.perf_counter() - start
         return stats
+
+
+    def _dropped_samples(self, result: pa.Table, taken: Counter) -> list[dict]:
+        from pipeline.records import thumbnail
+
+        picked = []
+        for row in result.filter(pc.invert(pc.is_null(result[DROP_REASON]))).to_pylist():
+            reason = row[DROP_REASON]
+            if taken[reason] >= self.samples_per_reason:
+                continue
+            taken[reason] += 1
+            picked.append({"key": row.get("key"), "caption": row.get("caption"), "stage": self.name,
+                           "reason": reason, "thumbnail": thumbnail(row.get("image"))})
+        return picked
 
 
 def stats_from_decisions(stage: str, table: pa.Table) -> StageStats:
