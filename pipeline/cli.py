@@ -78,18 +78,21 @@ def _run_stats(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole job on a generated sample web (127.0.0.1 only)",
                        description="Generate a small sample web (varied images, duplicates, broken "
-                                   "URLs), serve it on 127.0.0.1, run build with configs/demo.yaml, "
-                                   "and print the statistics.")
+                                   "URLs), serve it on 127.0.0.1, run every stage with configs/demo.yaml "
+                                   "(tiny random-weight translation models built on the spot), print "
+                                   "the statistics and write OUTPUT/report.html, then train the tiny "
+                                   "FILIP model briefly and print its evaluation.")
     p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--config", default=None, help="config to use (default: configs/demo.yaml)")
     p.add_argument("--skip-train", action="store_true", help="stop after the corpus is built")
+    p.add_argument("--steps", type=int, default=60, help="training steps of the tiny model (default 60)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(args.output, args.config, train=not args.skip_train)
+    return run_demo(args.output, args.config, train=not args.skip_train, steps=args.steps)
 
 
 def _add_retry(sub: argparse._SubParsersAction) -> None:
@@ -111,26 +114,29 @@ def _run_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+# The model commands import torch, so their parsers are built only when they run: `filip --help`
+# stays instant, and everything after the command name goes to the command's own parser (which
+# also answers `filip train --help` with the full options).
+MODEL_COMMANDS = {
+    "train": ("filip.trainer", "pre-train FILIP (or CLIP) on WebDataset shards"),
+    "eval": ("filip.evaluate", "evaluate a checkpoint: zero-shot, retrieval, linear probe"),
+    "align": ("filip.align", "draw word-patch alignment for one image and caption"),
+}
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    # The model commands import torch; their own parsers are built only when they run, so
-    # `filip --help` stays instant. `filip train --help` shows the command's full options.
-    for name, module, help_text in (
-        ("train", "filip.trainer", "pre-train FILIP (or CLIP) on WebDataset shards"),
-        ("eval", "filip.evaluate", "evaluate a checkpoint: zero-shot, retrieval, linear probe"),
-        ("align", "filip.align", "draw word-patch alignment for one image and caption"),
-    ):
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(module=module, func=_run_model_command, command_help=help_text)
+    for name, (_, help_text) in MODEL_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
 
-def _run_model_command(args: argparse.Namespace) -> int:
+def run_model_command(name: str, argv: list[str]) -> int:
     import importlib
 
-    module = importlib.import_module(args.module)
-    parser = argparse.ArgumentParser(prog=f"filip {args.command}", description=args.command_help)
+    module_name, help_text = MODEL_COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"filip {name}", description=help_text)
     module.add_cli_arguments(parser)
-    return int(module.cli_main(parser.parse_args(args.rest)) or 0)
+    return int(module.cli_main(parser.parse_args(argv)) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] in MODEL_COMMANDS:
+        args = parser.parse_args(argv[:command_at])  # only the global options before the command
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_model_command(argv[command_at], argv[command_at + 1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

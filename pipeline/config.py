@@ -94,10 +94,16 @@ class ShardsConfig:
     samples_per_shard: int = 10000
     seed: int = 0  # the deterministic shuffle of samples across shards
     dropped_samples_per_reason: int = 4  # thumbnails kept per reason and shard for the report
+    # Train the trainer's SentencePiece BPE caption tokenizer on the kept captions (and their
+    # back-translations) into shards/tokenizer.model; 0 leaves it to `python -m filip.tokenizer`.
+    tokenizer_vocab_size: int = 0
+    tokenizer_max_sentences: int = 2_000_000  # read from the first shards (already shuffled)
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
             raise ValueError("shards.samples_per_shard must be at least 1")
+        if self.tokenizer_vocab_size < 0 or self.tokenizer_max_sentences < 1:
+            raise ValueError("shards.tokenizer_vocab_size must be >= 0 and tokenizer_max_sentences >= 1")
 
 
 @dataclass

@@ -121,3 +121,32 @@ def write_url_list(rows: list[dict], base_url: str, path: Path) -> None:
         writer.writerow(["", "no url at all", "empty_url"])
         first = rows[0]
         writer.writerow([base_url + first["path"], first["caption"], "duplicate_row"])
+
+
+def write_eval_sets(folder: Path, seed: int = 1, per_class: int = 10, retrieval_images: int = 60) -> dict:
+    """Held-out scenes (another seed than the web) for the demo's evaluation of its model.
+
+    `zeroshot/<colour>/`: one shape per image, its colour is the class (ImageFolder layout);
+    `retrieval/captions.csv` + `retrieval/images/`: two-shape scenes with their captions.
+    """
+    rng = random.Random(seed)
+    classes = [c for c in COLOURS if c != "white"]
+    counts = dict.fromkeys(classes, 0)
+    while min(counts.values()) < per_class:
+        image, objects, _ = draw_scene(256, 256, rng, n_objects=1)
+        colour = objects[0].colour
+        if counts[colour] < per_class:
+            target = folder / "zeroshot" / colour / f"{counts[colour]:03d}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_jpeg(image))
+            counts[colour] += 1
+    images = folder / "retrieval" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    with (folder / "retrieval" / "captions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for i in range(retrieval_images):
+            image, _, caption = draw_scene(256, 256, rng)
+            (images / f"{i:04d}.jpg").write_bytes(_jpeg(image))
+            writer.writerow([f"{i:04d}.jpg", caption])
+    return {"zeroshot": folder / "zeroshot", "retrieval": folder / "retrieval" / "captions.csv"}

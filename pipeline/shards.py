@@ -29,6 +29,44 @@ LIBRARIES = ("img2dataset", "ray", "pyarrow", "imagehash", "nudenet", "onnxrunti
              "sentencepiece", "torch", "webdataset")
 
 
+TOKENIZER_NAME = "tokenizer.model"  # where filip.trainer looks for it: beside the shards
+CAPTION_COLUMNS = ("caption", "caption_bt_de", "caption_bt_ru")
+
+
+def train_shard_tokenizer(storage: Storage, names: list[str], vocab_size: int, max_sentences: int,
+                          progress: Callable[[str], None]) -> str:
+    """Train the caption tokenizer on the first shards' captions; returns its name in shards/."""
+    import tempfile
+    from pathlib import Path
+
+    from filip.tokenizer import FilipTokenizer, train_tokenizer
+
+    rel = f"{FOLDER}/{TOKENIZER_NAME}"
+    if storage.exists(rel):
+        return TOKENIZER_NAME
+
+    def sentences():
+        count = 0
+        for name in names:
+            table = storage.read_parquet(f"{FOLDER}/{name}.parquet")
+            for column in CAPTION_COLUMNS:
+                if column not in table.column_names:
+                    continue
+                for text in table[column].to_pylist():
+                    if count >= max_sentences:
+                        return
+                    if text:
+                        count += 1
+                        yield text
+
+    with tempfile.TemporaryDirectory(prefix="filip-tok-") as local:
+        path = train_tokenizer(sentences(), Path(local) / TOKENIZER_NAME, vocab_size)
+        vocab = FilipTokenizer.load(path).vocab_size
+        storage.write_bytes(rel, path.read_bytes())
+    progress(f"[shards] tokenizer {rel}: SentencePiece BPE, vocabulary {vocab}")
+    return TOKENIZER_NAME
+
+
 def shuffle_keys(keys: list[str], seed: int) -> np.ndarray:
     """A seeded 64-bit hash per key: sorting by it shuffles, the same way on every run."""
     out = np.empty(len(keys), np.uint64)
@@ -106,6 +144,10 @@ def write_final_shards(storage: Storage, config, last_stage: str, shards: list[s
         if not storage.exists(f"{FOLDER}/{name}.done"):
             pending.append(remote_write.remote(storage.url, name, batch, config.download.encode_format))
     ray.get(pending)
+    tokenizer = None
+    if config.shards.tokenizer_vocab_size:
+        tokenizer = train_shard_tokenizer(storage, names, config.shards.tokenizer_vocab_size,
+                                          config.shards.tokenizer_max_sentences, progress)
     config_text = storage.read_bytes("config.resolved.yaml")
     manifest = {
         "shards": [{"name": f"{n}.tar", "parquet": f"{n}.parquet", "samples": c} for n, c in zip(names, counts)],
@@ -114,7 +156,7 @@ def write_final_shards(storage: Storage, config, last_stage: str, shards: list[s
         "seed": seed,
         "config_sha256": hashlib.sha256(config_text).hexdigest(),
         "libraries": _versions(),
-        "tokenizer": None,
+        "tokenizer": tokenizer,
     }
     storage.write_json(f"{FOLDER}/manifest.json", manifest)
     storage.write_json("manifest.json", manifest)

@@ -180,3 +180,17 @@ def test_missing_translation_model_fails_before_work(tmp_path, url_list) -> None
     with pytest.raises(MissingModelError, match="en_de"):
         build(make_config(url_list[0], tmp_path / "out", models), progress=lambda msg: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_retry_failed_writes_the_failed_rows_as_a_url_list(reference_run, tmp_path) -> None:
+    from pipeline.cli import main
+
+    out, _, expected, _ = reference_run
+    destination = tmp_path / "retry.parquet"
+    assert main(["retry-failed", str(out), "--to", str(destination)]) == 0
+    table = pq.read_table(destination)
+    failed = [e.url for e in expected if e.status == "failed_download"]
+    assert sorted(table["url"].to_pylist()) == sorted(failed) and len(failed) == 6
+    assert {"caption", "source_row_id"} <= set(table.column_names)
+    assert main(["retry-failed", str(out), "--to", str(destination), "--reason", "timeout"]) == 0
+    assert [u.split("/")[3] for u in pq.read_table(destination)["url"].to_pylist()] == ["slow"]
