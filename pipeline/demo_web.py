@@ -33,10 +33,11 @@ def draw_scene(width: int, height: int, rng: random.Random, n_objects: int = 2
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     # Texture, so that perceptual hashes of different scenes differ in more than the shapes.
-    for _ in range(12):
+    for _ in range(24):
         x, y = rng.randrange(width), rng.randrange(height)
-        shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in BACKGROUNDS[background])
-        draw.ellipse([x, y, x + width // 6, y + height // 6], fill=shade)
+        w, h = rng.randint(width // 10, width // 3), rng.randint(height // 10, height // 3)
+        shade = tuple(max(0, min(255, c + rng.randint(-70, 70))) for c in BACKGROUNDS[background])
+        draw.ellipse([x - w // 2, y - h // 2, x + w // 2, y + h // 2], fill=shade)
     colours = rng.sample([c for c in COLOURS if c != "white"], n_objects)
     objects = []
     slot = width // n_objects
@@ -95,7 +96,10 @@ def generate_sample_web(folder: Path, n_images: int = 240, seed: int = 0) -> lis
         near = image.resize((int(image.width * 0.8), int(image.height * 0.8)))
         near_name = f"near{j:03d}.jpg"
         (folder / near_name).write_bytes(_jpeg(near, quality=60))
-        rows.append({"path": f"/img/{near_name}", "caption": caption, "expect": "near_duplicate"})
+        # Half keep the original's caption: same caption and same image cluster is a reason of its own.
+        same = j % 2 == 0
+        rows.append({"path": f"/img/{near_name}", "caption": caption if same else f"a smaller copy: {caption}",
+                     "expect": "duplicate_caption_and_image" if same else "near_duplicate"})
     faults = [("/status/404", "http_404"), ("/status/500", "http_500"), ("/notimage/1", "not_an_image"),
               ("/loop/1", "redirect_loop")]
     for j in range(3):

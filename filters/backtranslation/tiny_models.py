@@ -48,6 +48,9 @@ def build_tiny_marian(out_dir: Path, spm_path: Path, seed: int = 0, repeat_piece
     """
     import torch
     from transformers import GenerationConfig, MarianConfig, MarianMTModel, MarianTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_path = out_dir / "vocab.build.json"

@@ -63,6 +63,9 @@ class BackTranslator:
         check_models(self.config)
         import torch
         from transformers import MarianMTModel, MarianTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per model and actor is noise in a pipeline log
 
         from .fast_greedy import FastGreedyDecoder, unsupported_generation_options
 
