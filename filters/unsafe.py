@@ -40,7 +40,7 @@ _NMS_IOU = 0.45
 class UnsafeFilterConfig:
     """Threshold on the unsafe score and the classes that count.
 
-    ``threshold`` 0.5: on 1,000 benign Flickr8k photos no image scores at or above it (see
+    ``threshold`` 0.5: 2 of 1,000 benign Flickr8k photos (0.2%) score at or above it (see
     docs/BENCHMARKS.md); ``model_path`` None uses the model bundled with ``nudenet``.
     """
 
