@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from filters.dedup import DedupConfig, UnionFind, find_duplicates, near_pairs, plan_tables
+from filters.dedup import DedupConfig, find_duplicates, near_pairs, plan_tables
 
 
 def planted_hashes(n_items: int, threshold: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

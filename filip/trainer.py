@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from filip.checkpoint import (capture_rng_state, checkpoint_name, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, restore_rng_state, save_checkpoint, unwrap)
+                              load_checkpoint, restore_rng_state, save_checkpoint)
 from filip.config import TrainConfig, load_config, save_config
 from filip.distributed import DistributedContext, all_gather_objects, barrier, init_distributed, shutdown
 from filip.model import FilipModel, ModelConfig

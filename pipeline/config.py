@@ -69,6 +69,13 @@ class DedupStageConfig(DedupConfig):
     """Global exact (sha256) and near (pHash Hamming distance) deduplication."""
 
     enabled: bool = True
+    # Search the multi-index tables in waves of this many per Ray shuffle (None: all at once). The
+    # shuffle holds rows x tables records of ~40 bytes; see docs/SCALING.md for sizing.
+    tables_per_shuffle: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tables_per_shuffle is not None and self.tables_per_shuffle < 1:
+            raise ValueError("dedup.tables_per_shuffle must be at least 1 (or null for all at once)")
     resources: Resources = field(default_factory=Resources)
 
 

@@ -49,19 +49,20 @@ def _group_of(values: np.ndarray, n_groups: int) -> np.ndarray:
 
 
 def _explode(batch: dict[str, np.ndarray], threshold: int, n_items: int, max_tables: int | None,
-             n_groups: int) -> dict[str, np.ndarray]:
-    specs = plan_tables(threshold, n_items, max_tables)
-    table_bits = max(1, (len(specs) - 1).bit_length())
+             n_groups: int, first_table: int = 0, last_table: int | None = None) -> dict[str, np.ndarray]:
+    all_specs = plan_tables(threshold, n_items, max_tables)
+    table_bits = max(1, (len(all_specs) - 1).bit_length())
     # One shift for all tables: keys of different widths must not collide across tables.
-    key_bits = max(spec.key_bits for spec in specs)
+    key_bits = max(spec.key_bits for spec in all_specs)
     if key_bits + table_bits > 63:
         raise ValueError("bucket key and table id do not fit one int64")
+    specs = all_specs[first_table:last_table]
     phash = batch["phash"].astype(np.int64)
     buckets = [(np.int64(spec.table_id) << np.int64(key_bits)) | table_keys(phash, spec).astype(np.int64)
                for spec in specs]
     bucket = np.concatenate(buckets) if buckets else np.empty(0, np.int64)
     return {"group": _group_of(bucket, n_groups), "bucket": bucket,
-            "table": np.repeat(np.arange(len(specs), dtype=np.int64), phash.size),
+            "table": np.repeat(np.array([spec.table_id for spec in specs], dtype=np.int64), phash.size),
             "key": np.tile(batch["key"].astype(str), len(specs)), "phash": np.tile(phash, len(specs))}
 
 
@@ -112,9 +113,13 @@ def _read_rows(parquet_paths: list[str]):
     return rows.materialize()
 
 
-def find_duplicates_ray(parquet_paths: list[str], config: DedupConfig,
-                        records_per_group: int = 1 << 20) -> tuple[pa.Table, dict[str, int]]:
+def find_duplicates_ray(parquet_paths: list[str], config: DedupConfig, records_per_group: int = 1 << 20,
+                        tables_per_shuffle: int | None = None) -> tuple[pa.Table, dict[str, int]]:
     """Duplicate clusters over the kept rows (``drop_reason`` null) of all ``parquet_paths``.
+
+    ``tables_per_shuffle`` bounds the shuffle: the multi-index tables are searched in waves of that
+    many tables (None: all in one shuffle), so the records in flight are rows x tables_per_shuffle
+    instead of rows x all tables. The result is the same.
 
     Returns a table ``key, duplicate_of, cluster_id, cluster_size, dup_reason`` with one row per
     input key (in the order Ray read them) and the counters ``candidate_pairs``,
@@ -132,21 +137,25 @@ def find_duplicates_ray(parquet_paths: list[str], config: DedupConfig,
         return empty, {name: 0 for name in (*_COUNTERS, "rows", "clusters", "duplicates")}
     n_items = table.num_rows
     n_tables = len(plan_tables(config.hamming_threshold, n_items, config.tables))
-    n_groups = max(1, math.ceil(n_items * n_tables / records_per_group))
-    records = rows.select_columns(["key", "phash"]).map_batches(
-        _explode, batch_format="numpy", fn_kwargs={
-            "threshold": config.hamming_threshold, "n_items": n_items,
-            "max_tables": config.tables, "n_groups": n_groups})
-    # Few shuffle partitions: each one is an aggregator, and the groups are already coarse.
-    near = records.groupby("group", num_partitions=min(n_groups, 64)).map_groups(
-        _near_edges, batch_format="numpy",
-        fn_kwargs={"threshold": config.hamming_threshold, "cap": config.bucket_cap})
+    wave = n_tables if tables_per_shuffle is None else max(1, min(tables_per_shuffle, n_tables))
+    near_parts: list = []
+    for first_table in range(0, n_tables, wave):
+        n_groups = max(1, math.ceil(n_items * wave / records_per_group))
+        records = rows.select_columns(["key", "phash"]).map_batches(
+            _explode, batch_format="numpy", fn_kwargs={
+                "threshold": config.hamming_threshold, "n_items": n_items, "max_tables": config.tables,
+                "n_groups": n_groups, "first_table": first_table, "last_table": first_table + wave})
+        # Few shuffle partitions: each one is an aggregator, and the groups are already coarse.
+        near = records.groupby("group", num_partitions=min(n_groups, 64)).map_groups(
+            _near_edges, batch_format="numpy",
+            fn_kwargs={"threshold": config.hamming_threshold, "cap": config.bucket_cap})
+        near_parts.extend(ray.get(near.to_arrow_refs()))
     exact_groups = max(1, math.ceil(n_items / records_per_group))
     exact = rows.select_columns(["key", "sha256"]).map_batches(
         lambda batch: {**batch, "group": _group_of(_sha_prefix(batch["sha256"]), exact_groups)},
         batch_format="numpy").groupby("group", num_partitions=min(exact_groups, 64)).map_groups(
             _exact_edges, batch_format="numpy")
-    edges = pa.concat_tables(ray.get(near.to_arrow_refs()) + ray.get(exact.to_arrow_refs()))
+    edges = pa.concat_tables(near_parts + ray.get(exact.to_arrow_refs()))
     counters = {name: int(pc.sum(edges[name]).as_py() or 0) for name in _COUNTERS}
     edges = edges.filter(pc.is_valid(edges["key_a"]))
     return _assemble(table, edges, counters)

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from filters.integrity import truncation_reason
 from pipeline.config import DownloadConfig
-from pipeline.stage import DROP_KIND, DROP_REASON, Stage
+from pipeline.stage import DROP_KIND, DROP_REASON, Stage, stats_from_decisions
 from pipeline.stats import StageStats
 
 ROBOTS_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"
@@ -124,15 +124,7 @@ class DownloadStage(Stage):
         finally:
             storage.remove(tmp_rel, recursive=True)
         table = storage.read_parquet(f"{self.name}/{shard}.parquet")
-        stats = StageStats(stage=self.name, rows_in=rows.num_rows)
-        for status, error in zip(table["status"].to_pylist(), table["error_message"].to_pylist()):
-            kind, reason = classify_outcome(status, error)
-            if kind is None:
-                stats.rows_out += 1
-            elif kind == "dropped":
-                stats.dropped[reason] += 1
-            else:
-                stats.failed[reason] += 1
+        stats = stats_from_decisions(self.name, download_decisions(table))
         if table.num_rows != rows.num_rows:  # img2dataset writes one parquet row per input row
             raise RuntimeError(f"download shard {shard}: {table.num_rows} rows written for {rows.num_rows}")
         stats.seconds = time.perf_counter() - start

@@ -79,10 +79,19 @@ def _make_handler(root: Path, slow_seconds: float):
 
 
 @contextmanager
-def serve_web(root: str | Path, slow_seconds: float = 5.0) -> Iterator[str]:
-    """Serve `root` on 127.0.0.1 on a free port; yields the base URL (`http://127.0.0.1:PORT`)."""
+def serve_web(root: str | Path, slow_seconds: float = 5.0, backlog: int = 1024) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 on a free port; yields the base URL (`http://127.0.0.1:PORT`).
+
+    `backlog`: the listen queue. http.server's default of 5 overflows when a downloader opens
+    a hundred connections at once; the kernel then drops connection attempts, the client retries
+    after 1, 3, 7 s, and requests time out because of the test server, not the downloader.
+    """
     root = Path(root).resolve()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(root, slow_seconds))
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = backlog
+
+    server = Server(("127.0.0.1", 0), _make_handler(root, slow_seconds))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()

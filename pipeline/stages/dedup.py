@@ -23,7 +23,8 @@ def find_clusters(storage: Storage, input_stage: str, shards: list[str], config:
         return storage.read_json(f"{CLUSTERS}/counters.json")
     start = time.perf_counter()
     paths = [storage.full_url(f"{input_stage}/{s}.parquet") for s in shards]
-    table, counters = find_duplicates_ray(paths, config)
+    table, counters = find_duplicates_ray(paths, config,
+                                          tables_per_shuffle=getattr(config, "tables_per_shuffle", None))
     # img2dataset keys start with the 5-digit shard id, so each shard's rows can be written apart.
     prefix = pc.utf8_slice_codeunits(table["key"], 0, 5)
     for shard in shards:

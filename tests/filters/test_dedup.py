@@ -1,9 +1,7 @@
 """Multi-index hashing, union-find, representatives, and dedup quality on real Flickr photos."""
 from __future__ import annotations
 
-import csv
 import io
-import itertools
 
 import numpy as np
 import pytest

@@ -94,3 +94,13 @@ def test_ray_dedup_finds_copies_across_shards_like_single_machine(ray_session, s
         assert result[key]["cluster_size"] == single.cluster_size[index]
         assert result[key]["dup_reason"] == single.dup_reason[index]
     assert {name: counters[name] for name in single.counters} == single.counters
+
+
+def test_tables_in_waves_give_the_same_result(ray_session, shards) -> None:
+    files = shards[0]
+    config = DedupConfig()
+    whole, whole_counters = find_duplicates_ray(files, config, records_per_group=2000)
+    # 84 tables in waves of 20: five shuffles, each holding a quarter of the records.
+    waves, wave_counters = find_duplicates_ray(files, config, records_per_group=2000, tables_per_shuffle=20)
+    assert sorted(waves.to_pylist(), key=lambda r: r["key"]) == sorted(whole.to_pylist(), key=lambda r: r["key"])
+    assert wave_counters == whole_counters
