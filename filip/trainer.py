@@ -8,6 +8,7 @@ rank's data position.
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import json
 import logging
@@ -168,7 +169,25 @@ class Trainer:
             self.position = DataPosition(epoch=int(ranks[0]["epoch"]) + 1 if ranks else 0)
         restore_rng_state(state["rng"])
         if self.ctx.is_main:
+            self._drop_metrics_after(self.step)
             logger.info("resumed from %s at step %d", path, self.step)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Steps after the checkpoint are trained again: their old metric lines would be duplicates."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) > step:
+                    continue
+            except (ValueError, AttributeError):
+                continue  # a line cut short by the crash
+            kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     # -- data ----------------------------------------------------------------------------------
     def batches(self) -> Any:

@@ -35,6 +35,10 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_training_run: Path, tm
     killed = tmp_path / "run"
     killed.mkdir()
     shutil.copy(tiny_training_run / "step_00000050.pt", killed)
+    # ... and metric lines up to step 70, the last one cut short by the kill.
+    logged = (tiny_training_run / "metrics.jsonl").read_text().splitlines()
+    upto_70 = [line for line in logged if json.loads(line)["step"] <= 70]
+    (killed / "metrics.jsonl").write_text("\n".join(upto_70) + "\n" + upto_70[-1][:20])
     cfg = yaml.safe_load((tiny_training_run / "config.resolved.yaml").read_text())
     cfg["run"]["output_dir"] = str(killed)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
@@ -50,8 +54,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_training_run: Path, tm
                                torch.as_tensor(value)), (slot, key)
     assert resumed["scheduler"] == straight["scheduler"]
     assert resumed["data_state"] == straight["data_state"]
-    # The resumed run logged only the steps after 50.
-    assert [m["step"] for m in read_metrics(killed)] == [60, 70, 80, 90, 100]
+    # Lines after the checkpoint's step are dropped and logged again: each step once.
+    assert [m["step"] for m in read_metrics(killed)] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
 
 def test_stop_after_then_resume_latest_continues(flickr_shards: list[str], tmp_path: Path,
