@@ -69,6 +69,7 @@ def run_stage(stage: Stage, shards: list[str], progress: Callable[[str], None] |
     if not pending:
         return []
 
+    stage.before_run()
     res = stage.resources
     if res.concurrency is not None:
         workers = res.concurrency
@@ -125,6 +126,7 @@ def run_stage(stage: Stage, shards: list[str], progress: Callable[[str], None] |
     ray.get([a.teardown.remote() for a in actors])
     for actor in actors:
         ray.kill(actor)
+    stage.after_run()
     if errors:
         first = next(iter(errors.items()))
         raise StageFailed(

@@ -66,6 +66,12 @@ class Stage(ABC):
         state["_storage"] = None
         return state
 
+    def before_run(self) -> None:
+        """On the driver, once per run, before any worker starts (e.g. state the workers share)."""
+
+    def after_run(self) -> None:
+        """On the driver, once per run, after the last worker has stopped."""
+
     def setup(self) -> None:
         """Load models and other per-worker state once."""
 

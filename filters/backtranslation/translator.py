@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .config import DIRECTIONS, BackTranslationConfig, check_models
 from .degenerate import REASONS, degenerate_reason
@@ -21,6 +22,7 @@ except ImportError:
         return _SPACES.sub(" ", caption).strip().lower()
 
 PIVOTS: tuple[str, ...] = ("de", "ru")
+Pair = tuple[str | None, str | None]  # (de, ru) back-translations; None: fell back to the original
 COUNTER_NAMES: tuple[str, ...] = ("cache_hits", "cache_misses", "translated", "model_inputs", "truncated",
                                   *(f"fallback_{r}" for r in REASONS))
 
@@ -34,6 +36,21 @@ class BackTranslationResult:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+class SharedCache(Protocol):
+    """A translation cache shared by every translator of a run (the pipeline backs it with a Ray actor).
+
+    Each normalised caption is translated by exactly one translator: ``claim`` returns the
+    translations already known and the keys the caller now owns; keys owned by another translator
+    are neither, and ``lookup`` returns them once their owner has called ``fulfil``.
+    """
+
+    def claim(self, keys: list[str]) -> tuple[dict[str, Pair], list[str]]: ...
+
+    def fulfil(self, values: dict[str, Pair]) -> None: ...
+
+    def lookup(self, keys: list[str]) -> dict[str, Pair]: ...
+
+
 @dataclass
 class _Direction:
     tokenizer: Any
@@ -45,12 +62,16 @@ class BackTranslator:
     """Loads the four MarianMT models once (``setup``) and back-translates batches of captions.
 
     Unique captions (by normalised text) are translated once per translator: later occurrences,
-    in the same call or a later one, come from an LRU cache. A degenerate pivot or back-translation
-    falls back to the original caption and is counted as ``fallback_<reason>``.
+    in the same call or a later one, come from an LRU cache. With a ``shared_cache``, once per run
+    across translators (see :class:`SharedCache`). A degenerate pivot or back-translation falls back
+    to the original caption and is counted as ``fallback_<reason>``.
     """
 
-    def __init__(self, config: BackTranslationConfig) -> None:
+    def __init__(self, config: BackTranslationConfig, shared_cache: SharedCache | None = None,
+                 wait_timeout_s: float = 600.0) -> None:
         self.config = config
+        self.shared_cache = shared_cache
+        self.wait_timeout_s = wait_timeout_s
         self._directions: dict[str, _Direction] = {}
         # normalised caption -> (de, ru); None marks a fallback, so each caller gets its own original back.
         self._cache: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
@@ -113,14 +134,14 @@ class BackTranslator:
         for key, caption in zip(keys, captions):
             if key in self._cache:
                 self._cache.move_to_end(key)
-                counters["cache_hits"] += 1
-            elif key in todo:
-                counters["cache_hits"] += 1
-            else:
-                counters["cache_misses"] += 1
+            elif key not in todo:
                 todo[key] = caption
-        fresh = dict(zip(todo, zip(*self._back_translate(list(todo.values()), counters)))) if todo else {}
-        counters["translated"] = len(todo)
+        fresh, computed = self._fresh_translations(todo, counters)
+        # A miss is the first row of a caption this call translated; every other row is a hit
+        # (local cache, shared cache, or a repeat within the call).
+        for key in keys:
+            counters["cache_misses" if key in computed else "cache_hits"] += 1
+            computed.discard(key)
         de, ru = [], []
         for key, caption in zip(keys, captions):
             pair = fresh[key] if key in fresh else self._cache[key]
@@ -131,6 +152,38 @@ class BackTranslator:
         while len(self._cache) > self.config.cache_size:
             self._cache.popitem(last=False)
         return BackTranslationResult(de=de, ru=ru, counters=dict(counters))
+
+    def _translate_now(self, todo: dict[str, str], counters: Counter[str]) -> dict[str, Pair]:
+        if not todo:
+            return {}
+        counters["translated"] += len(todo)
+        return dict(zip(todo, zip(*self._back_translate(list(todo.values()), counters))))
+
+    def _fresh_translations(self, todo: dict[str, str], counters: Counter[str]
+                            ) -> tuple[dict[str, Pair], set[str]]:
+        """Translations of the keys in ``todo`` (shared cache or computed here), and the computed keys."""
+        if self.shared_cache is None:
+            fresh = self._translate_now(todo, counters)
+            return fresh, set(fresh)
+        known, mine = self.shared_cache.claim(list(todo))
+        fresh = self._translate_now({key: todo[key] for key in mine}, counters)
+        self.shared_cache.fulfil(fresh)  # before waiting on others: two callers never wait on each other
+        waiting = [key for key in todo if key not in known and key not in fresh]
+        deadline = time.monotonic() + self.wait_timeout_s
+        delay = 0.01
+        while waiting and time.monotonic() < deadline:
+            known.update(self.shared_cache.lookup(waiting))
+            waiting = [key for key in waiting if key not in known]
+            if waiting:
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if waiting:  # the owner died or stalls: translate them here rather than block the run
+            counters["shared_cache_timeouts"] += len(waiting)
+            own = self._translate_now({key: todo[key] for key in waiting}, counters)
+            self.shared_cache.fulfil(own)
+            fresh.update(own)
+        counters["shared_cache_hits"] += len(known)
+        return {**known, **fresh}, set(fresh)
 
     def _back_translate(self, sources: list[str], counters: Counter[str]) -> list[list[str | None]]:
         """[[de_en or None per source], [ru_en or None per source]]; None where the output is degenerate."""

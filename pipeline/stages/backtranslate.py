@@ -1,10 +1,75 @@
-"""The back-translation stage: MarianMT EN->DE->EN and EN->RU->EN, models loaded once per actor."""
+"""The back-translation stage: MarianMT EN->DE->EN and EN->RU->EN, models loaded once per actor.
+
+A caption is translated once per run, whichever actor meets it: the actors share one cache, a Ray
+actor started by the driver before the stage runs (`before_run`). Each normalised caption is
+claimed by the first actor that asks; the others wait for its translation instead of computing it.
+The cache is bounded (`cache_size` entries, least recently used first out) and lives as long as the
+build's driver: a resumed build starts with an empty one (completed shards are not translated again).
+"""
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
 
 import pyarrow as pa
 
 from filters.backtranslation import BackTranslationConfig, BackTranslator
 from pipeline.stage import RecordStage, Resources
+
+PENDING = None  # claimed, translation not yet delivered
+
+
+class TranslationCache:
+    """The run's shared cache (run as a Ray actor): normalised caption -> (de, ru) or PENDING."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[str, tuple | None] = OrderedDict()
+
+    def claim(self, keys: list[str]) -> tuple[dict[str, tuple], list[str]]:
+        known, mine = {}, []
+        for key in keys:
+            if key not in self.entries:
+                self.entries[key] = PENDING
+                mine.append(key)
+            elif self.entries[key] is not PENDING:
+                self.entries.move_to_end(key)
+                known[key] = self.entries[key]
+        return known, mine
+
+    def fulfil(self, values: dict[str, tuple]) -> None:
+        self.entries.update(values)
+        # Evict the oldest finished entries only: a pending claim must stay until it is delivered.
+        while len(self.entries) > self.capacity:
+            oldest = next((k for k, v in self.entries.items() if v is not PENDING), None)
+            if oldest is None:
+                break
+            del self.entries[oldest]
+
+    def lookup(self, keys: list[str]) -> dict[str, tuple]:
+        return {key: self.entries[key] for key in keys if self.entries.get(key) is not PENDING}
+
+
+class _ActorCache:
+    """The SharedCache protocol of filters.backtranslation over the cache actor."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def claim(self, keys):
+        import ray
+
+        return ray.get(self.actor.claim.remote(keys))
+
+    def fulfil(self, values):
+        import ray
+
+        ray.get(self.actor.fulfil.remote(values))
+
+    def lookup(self, keys):
+        import ray
+
+        return ray.get(self.actor.lookup.remote(keys))
 
 
 class BackTranslateStage(RecordStage):
@@ -16,9 +81,27 @@ class BackTranslateStage(RecordStage):
         super().__init__(output, input_stage, resources)
         self.config = config
         self.translator: BackTranslator | None = None
+        # One cache per output folder and driver; the name lets every stage actor find it.
+        self.cache_name = "filip-translation-cache-" + hashlib.sha256(output.encode()).hexdigest()[:16]
+
+    def before_run(self) -> None:
+        import ray
+
+        # The handle travels with the stage to its actors (and keeps the cache actor alive).
+        self.cache_actor = ray.remote(num_cpus=0)(TranslationCache).options(
+            name=self.cache_name, get_if_exists=True).remote(self.config.cache_size)
+
+    def after_run(self) -> None:
+        import ray
+
+        if getattr(self, "cache_actor", None) is not None:
+            ray.kill(self.cache_actor)
+            self.cache_actor = None
 
     def setup(self) -> None:
-        self.translator = BackTranslator(self.config)
+        # Without before_run (the stage used outside a Ray run) each translator keeps its own cache.
+        actor = getattr(self, "cache_actor", None)
+        self.translator = BackTranslator(self.config, shared_cache=_ActorCache(actor) if actor else None)
         self.translator.setup()
 
     def teardown(self) -> None:

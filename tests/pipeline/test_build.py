@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from filters.caption import normalize_caption
 from pipeline.build import build
 from pipeline.configtools import to_dict
 from tests.pipeline.conftest import make_config
@@ -62,6 +63,10 @@ def test_conservation_per_stage(reference_run) -> None:
     assert stats["stages"][-1]["rows_out"] == kept == stats["final_shards"]["samples"]
     counters = stats["stages"][-1]["counters"]
     assert counters["cache_misses"] + counters.get("cache_hits", 0) == kept  # zero counters are omitted
+    # Once per run, across the stage's actors.
+    decisions = pq.read_table(out / "decisions.parquet").to_pylist()
+    assert counters["translated"] == len({normalize_caption(d["caption"]) for d in decisions
+                                          if d["status"] == "kept"})
 
 
 def test_download_folder_is_img2dataset_format(reference_run) -> None:

@@ -1,0 +1,64 @@
+"""The back-translation stage on Ray: a caption is translated once per run, whichever actor meets it."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+
+from filters.backtranslation import BackTranslationConfig
+from filters.caption import normalize_caption
+from pipeline.ray_adapter import run_stage
+from pipeline.stage import Resources
+from pipeline.stages.backtranslate import BackTranslateStage, TranslationCache
+from pipeline.storage import Storage
+
+# Every shard repeats captions of the others (web captions repeat: "image", stock phrases ...).
+SHARED = ["a dog runs on the beach", "Two children play football .", "a red car parked on a street"]
+
+
+def _shards(storage: Storage, n_shards: int = 6, rows_per_shard: int = 10) -> tuple[list[str], list[str]]:
+    names, captions = [], []
+    for shard in range(n_shards):
+        own = [f"shard {shard} photo number {i} of a small boat" for i in range(rows_per_shard - 4)]
+        rows = own + SHARED + [SHARED[shard % len(SHARED)].upper()]  # case differs, same caption
+        keys = [f"{shard:05d}{i:04d}" for i in range(len(rows))]
+        name = f"{shard:05d}"
+        storage.write_parquet(f"unsafe/{name}.parquet", pa.table({
+            "key": keys, "caption": rows, "drop_reason": pa.nulls(len(rows), pa.string()),
+            "drop_kind": pa.nulls(len(rows), pa.string())}))
+        names.append(name)
+        captions.extend(rows)
+    return names, captions
+
+
+def test_each_caption_is_translated_once_per_run_across_actors(tmp_path, ray_session, tiny_marian_models):
+    storage = Storage(str(tmp_path / "out"))
+    shards, captions = _shards(storage)
+    config = BackTranslationConfig(models=tiny_marian_models, max_new_tokens=8, batch_size=16)
+    # Two actors, small batches: shards are processed at the same time and captions meet in both.
+    stage = BackTranslateStage(storage.url, "unsafe", config, Resources(num_cpus=1, concurrency=2, batch_size=4))
+    stats = run_stage(stage, shards)
+    counters = sum((Counter(s.counters) for s in stats), start=Counter())
+    unique = {normalize_caption(c) for c in captions}
+    assert counters["translated"] == len(unique)
+    assert counters["cache_misses"] == len(unique)
+    assert counters["cache_misses"] + counters["cache_hits"] == len(captions)
+    assert counters["shared_cache_hits"] > 0 and not counters["shared_cache_timeouts"]
+    # Rows with the same normalised caption got the same translation, whichever actor did it.
+    table = pa.concat_tables([storage.read_parquet(f"backtranslate/{s}.parquet") for s in shards])
+    seen: dict[str, tuple] = {}
+    for row in table.to_pylist():
+        pair = (row["caption_bt_de"], row["caption_bt_ru"])
+        assert seen.setdefault(row["caption"], pair) == pair
+
+
+def test_cache_keeps_pending_claims_and_evicts_oldest_finished() -> None:
+    cache = TranslationCache(capacity=2)
+    assert cache.claim(["a", "b"]) == ({}, ["a", "b"])
+    assert cache.claim(["a"]) == ({}, [])          # claimed by someone else, not yet translated
+    assert cache.lookup(["a"]) == {}
+    cache.fulfil({"a": ("A-de", "A-ru")})
+    assert cache.lookup(["a", "b"]) == {"a": ("A-de", "A-ru")}
+    assert cache.claim(["c"]) == ({}, ["c"])        # over capacity: "a" (finished, oldest) goes
+    cache.fulfil({})
+    assert "a" not in cache.entries and set(cache.entries) == {"b", "c"}
