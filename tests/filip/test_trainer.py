@@ -111,3 +111,24 @@ def test_warmup_then_cosine() -> None:
     assert lr_factor(9, 10, 100, 0.0) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100, 0.0) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_torchrun_two_cpu_processes_train_and_checkpoint(flickr_shards, tiny_config_writer, tmp_path) -> None:
+    """The README's command: `torchrun --nproc-per-node 2 -m filip.trainer CONFIG` (gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    config = tiny_config_writer(Path(flickr_shards[0]).parent, out, tmp_path / "train.yaml", max_steps=6)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--standalone", "-m", "filip.trainer",
+                             str(config), "--set", "run.log_every=3", "--set", "run.checkpoint_every=6"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(out / "step_00000006.pt")
+    assert state["step"] == 6 and state["data_state"]["world_size"] == 2
+    assert len(state["data_state"]["ranks"]) == 2
+    assert [m["step"] for m in read_metrics(out)] == [3, 6]
