@@ -152,18 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command_at is not None and argv[command_at] in MODEL_COMMANDS:
-        args = parser.parse_args(argv[:command_at])  # only the global options before the command
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _configure_logging(parser.parse_args(argv[:command_at]))  # global options before the command
         return run_model_command(argv[command_at], argv[command_at + 1:])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

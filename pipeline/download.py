@@ -116,14 +116,13 @@ class DownloadStage(Stage):
                 downloader.download_shard((int(shard), feather))
             # img2dataset writes rows in completion order (a thread pool); sorted by key, every
             # later stage and a resumed run see the same order.
-            written = storage.read_parquet(f"{tmp_rel}/{shard}.parquet")
-            storage.write_parquet(f"{tmp_rel}/{shard}.parquet", written.sort_by("key"))
+            table = storage.read_parquet(f"{tmp_rel}/{shard}.parquet").sort_by("key")
+            storage.write_parquet(f"{tmp_rel}/{shard}.parquet", table)
             # img2dataset's stats file last: other tools take it as img2dataset's completion mark.
             for suffix in (".tar", ".parquet", "_stats.json"):
                 storage.move(f"{tmp_rel}/{shard}{suffix}", f"{self.name}/{shard}{suffix}")
         finally:
             storage.remove(tmp_rel, recursive=True)
-        table = storage.read_parquet(f"{self.name}/{shard}.parquet")
         stats = stats_from_decisions(self.name, download_decisions(table))
         if table.num_rows != rows.num_rows:  # img2dataset writes one parquet row per input row
             raise RuntimeError(f"download shard {shard}: {table.num_rows} rows written for {rows.num_rows}")

@@ -21,7 +21,7 @@ def failed_rows(output: str, reasons: list[str] | None = None) -> pa.Table:
     failed = decisions.filter(pc.equal(decisions["status"], "failed_download"))
     if reasons:
         failed = failed.filter(pc.is_in(failed["reason"], pa.array(reasons, pa.string())))
-    wanted = pa.array(failed["row_id"].to_pylist(), pa.int64())
+    wanted = failed["row_id"].combine_chunks()
     parts = []
     for rel in storage.glob("input/[0-9]*.parquet"):
         rows = storage.read_parquet(rel)

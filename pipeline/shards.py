@@ -27,9 +27,9 @@ INTERNAL_COLUMNS = {DROP_REASON, DROP_KIND, "tar_offset", "tar_size", "shuffle_k
                     "error_message"}
 LIBRARIES = ("img2dataset", "ray", "pyarrow", "imagehash", "nudenet", "onnxruntime", "transformers",
              "sentencepiece", "torch", "webdataset")
-
-
-TOKENIZER_NAME = "tokenizer.model"  # where filip.trainer looks for it: beside the shards
+# filip.tokenizer.DEFAULT_NAME, where the trainer looks beside the shards (not imported here:
+# that module imports torch, and every shard-writing Ray worker imports this one).
+TOKENIZER_NAME = "tokenizer.model"
 CAPTION_COLUMNS = ("caption", "caption_bt_de", "caption_bt_ru")
 
 

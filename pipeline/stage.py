@@ -154,7 +154,6 @@ class RecordStage(Stage):
         stats.seconds = time.perf_counter() - start
         return stats
 
-
     def _dropped_samples(self, result: pa.Table, taken: Counter) -> list[dict]:
         from pipeline.records import thumbnail
 

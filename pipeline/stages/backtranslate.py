@@ -8,7 +8,6 @@ build's driver: a resumed build starts with an empty one (completed shards are n
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 import pyarrow as pa
@@ -81,27 +80,25 @@ class BackTranslateStage(RecordStage):
         super().__init__(output, input_stage, resources)
         self.config = config
         self.translator: BackTranslator | None = None
-        # One cache per output folder and driver; the name lets every stage actor find it.
-        self.cache_name = "filip-translation-cache-" + hashlib.sha256(output.encode()).hexdigest()[:16]
+        self.cache_actor = None  # the run's TranslationCache, set on the driver by before_run
 
     def before_run(self) -> None:
         import ray
 
         # The handle travels with the stage to its actors (and keeps the cache actor alive).
-        self.cache_actor = ray.remote(num_cpus=0)(TranslationCache).options(
-            name=self.cache_name, get_if_exists=True).remote(self.config.cache_size)
+        self.cache_actor = ray.remote(num_cpus=0)(TranslationCache).remote(self.config.cache_size)
 
     def after_run(self) -> None:
         import ray
 
-        if getattr(self, "cache_actor", None) is not None:
+        if self.cache_actor is not None:
             ray.kill(self.cache_actor)
             self.cache_actor = None
 
     def setup(self) -> None:
         # Without before_run (the stage used outside a Ray run) each translator keeps its own cache.
-        actor = getattr(self, "cache_actor", None)
-        self.translator = BackTranslator(self.config, shared_cache=_ActorCache(actor) if actor else None)
+        shared = _ActorCache(self.cache_actor) if self.cache_actor is not None else None
+        self.translator = BackTranslator(self.config, shared_cache=shared)
         self.translator.setup()
 
     def teardown(self) -> None:

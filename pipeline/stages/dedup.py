@@ -7,7 +7,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from filters.dedup import DedupConfig
+from pipeline.config import DedupStageConfig
 from pipeline.stage import RecordStage, Resources
 from pipeline.stats import StageStats
 from pipeline.storage import Storage
@@ -15,7 +15,7 @@ from pipeline.storage import Storage
 CLUSTERS = "dedup/clusters"
 
 
-def find_clusters(storage: Storage, input_stage: str, shards: list[str], config: DedupConfig) -> dict:
+def find_clusters(storage: Storage, input_stage: str, shards: list[str], config: DedupStageConfig) -> dict:
     """Write `dedup/clusters/NNNNN.parquet` (by the shard each key came from); resumable as a whole."""
     from pipeline.dedup import find_duplicates_ray
 
@@ -23,8 +23,7 @@ def find_clusters(storage: Storage, input_stage: str, shards: list[str], config:
         return storage.read_json(f"{CLUSTERS}/counters.json")
     start = time.perf_counter()
     paths = [storage.full_url(f"{input_stage}/{s}.parquet") for s in shards]
-    table, counters = find_duplicates_ray(paths, config,
-                                          tables_per_shuffle=getattr(config, "tables_per_shuffle", None))
+    table, counters = find_duplicates_ray(paths, config, tables_per_shuffle=config.tables_per_shuffle)
     # img2dataset keys start with the 5-digit shard id, so each shard's rows can be written apart.
     prefix = pc.utf8_slice_codeunits(table["key"], 0, 5)
     for shard in shards:
