@@ -17,8 +17,10 @@ The building blocks (:func:`plan_tables`, :func:`table_keys`, :func:`sorted_buck
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,10 +28,14 @@ import numpy as np
 
 from filters.base import DUPLICATE_CAPTION_AND_IMAGE, EXACT_DUPLICATE, NEAR_DUPLICATE
 
-# Relative cost of one candidate pair against one table record (key, sort, gather). A rough
-# figure (bench/dedup_scale.py at 10M: ~90 ns a record, ~50 ns a pair); it only picks the block count.
-PAIR_COST = 0.3
+# Relative cost of one candidate pair against one table record, as measured for the compiled
+# table search (filters/dedup_kernel.py, bench/dedup_scale.py: ~18 ns a record, ~20 ns a pair in
+# buckets of 2-3). It only steers the plan's choice between more tables and longer keys.
+PAIR_COST = 1.0
 MAX_TABLES = 5000
+# Covering plans are searched greedily over every (blocks choose key blocks) table; above this many
+# (tables x dirty-block sets) entries the search takes over a second and is skipped.
+MAX_COVER_SEARCH = 8_000_000
 
 
 @dataclass
@@ -89,33 +95,77 @@ def _block_layout(n_blocks: int) -> list[tuple[int, int]]:
     return layout
 
 
-def _estimated_cost(n_items: int, n_tables: int, key_bits: int) -> float:
-    random_pairs = n_items * n_items / 2.0 / 2.0 ** key_bits
-    return n_tables * (n_items + PAIR_COST * random_pairs)
+def _plan_cost(n_items: int, layout: list[tuple[int, int]], tables: list[tuple[int, ...]]) -> float:
+    """tables x n records, plus PAIR_COST per expected random pair (n^2 / 2^(key bits + 1) a table)."""
+    widths = [width for _, width in layout]
+    return sum(n_items + PAIR_COST * n_items * n_items / 2.0 ** (sum(widths[b] for b in table) + 1)
+               for table in tables)
+
+
+@functools.lru_cache(maxsize=None)
+def _covering_tables(n_blocks: int, threshold: int, key_blocks: int) -> tuple[tuple[int, ...], ...]:
+    """Sets of ``key_blocks`` blocks such that any ``threshold`` blocks miss at least one set.
+
+    A pair within ``threshold`` bits differs in at most that many blocks, so some set of the
+    result lies wholly in blocks where the two hashes agree: the pair shares that table's bucket.
+    With ``key_blocks = n_blocks - threshold`` this is every combination (Manku et al.); fewer
+    key blocks leave several clean sets per pair, and a greedy cover needs far fewer tables than
+    all combinations (9 blocks choose 3 = 84 tables of 21-22 bits, against 84 tables of 20-25
+    bits from 14 blocks choose 5 covered greedily). Deterministic: ties go to the first set.
+    """
+    candidates = list(itertools.combinations(range(n_blocks), key_blocks))
+    if key_blocks == n_blocks - threshold:
+        return tuple(candidates)
+    dirty = list(itertools.combinations(range(n_blocks), threshold))
+    candidate_masks = np.array([sum(1 << b for b in table) for table in candidates], np.uint64)
+    dirty_masks = np.array([sum(1 << b for b in blocks) for blocks in dirty], np.uint64)
+    # covers[t, d]: table t avoids dirty set d. Float so each step's gains are one BLAS product.
+    covers = ((candidate_masks[:, None] & dirty_masks[None, :]) == 0).astype(np.float32)
+    uncovered = np.ones(len(dirty), np.float32)
+    chosen = []
+    while uncovered.any():
+        best = int(np.argmax(covers @ uncovered))
+        chosen.append(candidates[best])
+        uncovered[covers[best] > 0] = 0
+    return tuple(chosen)
 
 
 def plan_tables(threshold: int, n_items: int, max_tables: int | None = None) -> list[TableSpec]:
     """Tables that find every pair within ``threshold`` bits among ``n_items`` hashes.
 
-    Tries every block count m > threshold and keeps the cheapest by the cost model
-    tables * (n + PAIR_COST * n^2 / 2^(key_bits+1)), which lands on keys of about log2(n) bits.
+    Tries block counts m > threshold with key sets of m - threshold blocks (every combination) or
+    fewer (a greedy cover, where small enough to search), and keeps the cheapest by the cost
+    model tables * n + PAIR_COST * sum over tables of n^2 / 2^(key_bits + 1): keys of about
+    log2(n) bits, with as few tables as the threshold allows.
     """
     if not 0 <= threshold < 64:
         raise ValueError(f"hamming threshold must be in [0, 63], got {threshold}")
     limit = min(max_tables or MAX_TABLES, MAX_TABLES)
-    best: tuple[float, int] | None = None
+    n_items = max(n_items, 2)
+    best: tuple[float, list[tuple[int, int]], tuple[tuple[int, ...], ...]] | None = None
     for n_blocks in range(threshold + 1, 65):
-        n_tables = math.comb(n_blocks, threshold)
-        if n_tables > limit and best is not None:
+        layout = _block_layout(n_blocks)
+        all_combinations = math.comb(n_blocks, threshold)
+        # Every combination, then covers with one or two key blocks fewer (more tables would be
+        # needed below that than the plans with fewer, wider blocks already offer).
+        for key_blocks in range(n_blocks - threshold, max(n_blocks - threshold - 3, 0), -1):
+            full = key_blocks == n_blocks - threshold
+            if (all_combinations > limit) if full else (
+                    n_blocks > 16 or math.comb(n_blocks, key_blocks) * all_combinations > MAX_COVER_SEARCH):
+                continue
+            tables = _covering_tables(n_blocks, threshold, key_blocks)
+            if len(tables) > limit:
+                continue
+            cost = _plan_cost(n_items, layout, list(tables))
+            if best is None or cost < best[0]:
+                best = (cost, layout, tables)
+        if all_combinations > limit:
             break
-        widths = sorted(width for _, width in _block_layout(n_blocks))
-        key_bits = sum(widths[: n_blocks - threshold])
-        cost = _estimated_cost(max(n_items, 2), n_tables, key_bits)
-        if best is None or cost < best[0]:
-            best = (cost, n_blocks)
-    layout = _block_layout(best[1])
-    chosen = itertools.combinations(range(best[1]), best[1] - threshold)
-    return [TableSpec(table_id, tuple(layout[b] for b in blocks)) for table_id, blocks in enumerate(chosen)]
+    if best is None:  # only when max_tables is below the smallest plan: one block per table.
+        layout = _block_layout(threshold + 1)
+        best = (0.0, layout, tuple((block,) for block in range(threshold + 1)))
+    _, layout, tables = best
+    return [TableSpec(table_id, tuple(layout[b] for b in blocks)) for table_id, blocks in enumerate(tables)]
 
 
 def table_keys(phash: np.ndarray, spec: TableSpec) -> np.ndarray:
@@ -273,17 +323,19 @@ def hex_prefix(values: np.ndarray) -> np.ndarray | None:
 
     Sorting these is about ten times faster than sorting the strings themselves.
     """
+    values = np.asarray(values)
     try:
-        raw = np.asarray(values).astype("S64")
+        raw = values if values.dtype.kind == "S" else values.astype("S64")
     except (UnicodeEncodeError, ValueError):
         return None
-    digits = _HEX_DIGITS[raw.view(np.uint8).reshape(raw.size, -1)[:, :16]]
-    if raw.dtype.itemsize < 16 or (digits == 255).any():
+    if raw.dtype.itemsize < 16:
         return None
-    prefix = np.zeros(raw.size, np.uint64)
-    for column in range(16):
-        prefix = (prefix << np.uint64(4)) | digits[:, column]
-    return prefix
+    digits = _HEX_DIGITS[raw.view(np.uint8).reshape(raw.size, raw.dtype.itemsize)[:, :16]]
+    if digits.size and digits.max() == 255:
+        return None
+    # Two hex digits make one byte; eight bytes read big-endian are the prefix.
+    packed = (digits[:, 0::2] << np.uint8(4)) | digits[:, 1::2]
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
 
 
 def exact_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,16 +344,25 @@ def exact_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     prefix = hex_prefix(values) if values.size else None
     if prefix is None:
         order = np.argsort(values, kind="stable")
-    else:
-        order = np.argsort(prefix, kind="stable")
-        tied = np.concatenate(([False], prefix[order][1:] == prefix[order][:-1]))
-        tied = tied | np.concatenate((tied[1:], [False]))
-        # Equal prefixes are rare; order those few rows by their whole value so equals are adjacent.
-        spots = np.flatnonzero(tied)
-        sub = order[spots]
-        order[spots] = sub[np.lexsort((values[sub], prefix[sub]))]
-    same = values[order][1:] == values[order][:-1]
-    return order[:-1][same], order[1:][same]
+        same = values[order][1:] == values[order][:-1]
+        return order[:-1][same], order[1:][same]
+    # Sort (prefix top bits, position) packed in one word: several times faster than an argsort.
+    id_bits = max(1, int(values.size - 1).bit_length())
+    packed = np.sort(((prefix >> np.uint64(id_bits)) << np.uint64(id_bits))
+                     | np.arange(values.size, dtype=np.uint64))
+    order = (packed & np.uint64((1 << id_bits) - 1)).astype(np.int64)
+    top = packed >> np.uint64(id_bits)
+    tied = top[1:] == top[:-1]
+    # Only rows sharing a truncated prefix can be equal (duplicates, and rare random collisions):
+    # order those few runs by the whole value so equal values sit next to each other.
+    in_run = np.flatnonzero(np.concatenate(([False], tied)) | np.concatenate((tied, [False])))
+    if in_run.size:
+        run_rows = order[in_run]
+        order[in_run] = run_rows[np.lexsort((values[run_rows], top[in_run]))]
+    candidates = np.flatnonzero(tied)
+    left, right = order[candidates], order[candidates + 1]
+    same = values[left] == values[right]
+    return left[same], right[same]
 
 
 def duplicate_reasons(representative: np.ndarray, sha256: np.ndarray | None,
@@ -375,7 +436,9 @@ def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = Non
     distinct hashes; their ids follow ascending hash order, which makes the bucket cap deterministic.
     """
     phash = np.asarray(phash, np.int64)
-    order = np.argsort(phash, kind="stable")
+    # Which of several equal hashes heads them does not matter (they are all linked to it), so the
+    # faster unstable argsort is enough; it is still deterministic.
+    order = np.argsort(phash)
     sorted_hashes = phash[order]
     new_value = np.concatenate(([True], sorted_hashes[1:] != sorted_hashes[:-1]))
     values = sorted_hashes[new_value]
@@ -384,27 +447,32 @@ def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = Non
     value_of_sorted = np.cumsum(new_value) - 1
     first = [head_item[value_of_sorted[~new_value]]]
     second = [order[~new_value]]
-    id_bits = max(1, int(values.size - 1).bit_length())
-    ids = np.arange(values.size, dtype=np.uint64)
+    # numba compiles on first use (cached on disk after); imported here so that importing this
+    # module stays cheap for the Ray path and the CLI.
+    from filters.dedup_kernel import partition_bits, table_pairs
+
+    sorted_bits = values.view(np.uint64)
+    specs = plan_tables(config.hamming_threshold, n_items or phash.size, config.tables)
+    # One set of work buffers per thread: fresh pages cost a fault each, which is most of a pass.
+    local = threading.local()
 
     def one_table(spec: TableSpec) -> tuple[np.ndarray, np.ndarray, PairCounters]:
-        keys = table_keys(values, spec)
-        if spec.key_bits + id_bits <= 64:
-            # One sort of (key, id) packed in a word is several times faster than an argsort.
-            packed = np.sort((keys << np.uint64(id_bits)) | ids)
-            keys = packed >> np.uint64(id_bits)
-            members = (packed & np.uint64((1 << id_bits) - 1)).astype(np.int64)
-        else:
-            members = np.lexsort((ids, keys))
-            keys = keys[members]
-        pair_first, pair_second, table_counters = sorted_bucket_pairs(
-            keys, values[members], config.hamming_threshold, config.bucket_cap)
-        return head_item[members[pair_first]], head_item[members[pair_second]], table_counters
+        if not hasattr(local, "buffers"):
+            local.buffers = [np.empty(values.size, np.uint64) for _ in range(3)]
+        shifts = np.array([shift for shift, _ in spec.blocks], np.uint64)
+        widths = np.array([width for _, width in spec.blocks], np.uint64)
+        pair_first, pair_second, found = table_pairs(
+            sorted_bits, shifts, widths, spec.key_bits, partition_bits(values.size, spec.key_bits),
+            config.hamming_threshold, config.bucket_cap, *local.buffers)
+        # The kernel returns hash values; 'values' is sorted, so their positions are a binary search.
+        pair_first = np.searchsorted(values, pair_first.view(np.int64))
+        pair_second = np.searchsorted(values, pair_second.view(np.int64))
+        table_counters = PairCounters(*(int(count) for count in found))
+        return head_item[pair_first], head_item[pair_second], table_counters
 
     # The plan depends on the item count, not the distinct-hash count, as in the Ray path.
-    specs = plan_tables(config.hamming_threshold, n_items or phash.size, config.tables)
     counters = PairCounters()
-    # numpy's sorts and ufuncs release the GIL, so tables overlap on threads without copies.
+    # The compiled tables release the GIL, so tables overlap on threads without copies.
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for pair_first, pair_second, table_counters in pool.map(one_table, specs):
             counters.add(table_counters)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
 from filters.caption import normalize_caption
-from filters.dedup import (DedupConfig, UnionFind, choose_representatives, find_duplicates, hamming,
-                           near_pairs, pairs_in_bucket, plan_tables, table_keys)
+from filters.dedup import (DedupConfig, UnionFind, choose_representatives, exact_pairs, find_duplicates,
+                           hamming, near_pairs, pairs_in_bucket, plan_tables, sorted_bucket_pairs, table_keys)
+from filters.dedup_kernel import partition_bits, table_pairs
 from filters.image import inspect_image
 
 RNG_SEED = 7
@@ -78,6 +80,70 @@ def test_oversized_buckets_are_capped_and_counted() -> None:
     assert counters.capped_buckets >= 1
     assert counters.capped_items == counters.capped_buckets * 30
     assert counters.candidate_pairs <= n_tables * 45
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 6, 8])
+@pytest.mark.parametrize("n_items", [10_000, 1_000_000, 10_000_000, 300_000_000])
+def test_every_set_of_threshold_blocks_misses_some_table(threshold: int, n_items: int) -> None:
+    # The exactness argument itself, checked exhaustively on the blocks: whichever `threshold`
+    # blocks hold the differing bits, some table's key lies wholly outside them.
+    specs = plan_tables(threshold, n_items)
+    blocks = sorted({block for spec in specs for block in spec.blocks}, reverse=True)
+    assert sum(width for _, width in blocks) == 64
+    tables = [set(spec.blocks) for spec in specs]
+    for dirty in itertools.combinations(blocks, threshold):
+        assert any(not (table & set(dirty)) for table in tables), dirty
+
+
+def test_covering_plans_beat_all_combinations() -> None:
+    # 9 blocks choose 3 (Manku et al.) would be 84 tables of 21-22 bits at 1M hashes.
+    specs = plan_tables(6, 1_000_000)
+    assert len(specs) < 84 and min(spec.key_bits for spec in specs) >= 20
+
+
+def _numpy_table_pairs(values: np.ndarray, spec, threshold: int, cap: int):
+    keys = table_keys(values, spec)
+    order = np.lexsort((np.arange(values.size), keys))
+    first, second, counters = sorted_bucket_pairs(keys[order], values[order], threshold, cap)
+    return {(int(a), int(b)) for a, b in zip(order[first], order[second])}, counters
+
+
+@pytest.mark.parametrize("cap", [1000, 3])
+def test_compiled_table_search_equals_the_numpy_search(cap: int) -> None:
+    # Hashes crowded into few buckets (top 40 bits from 300 values), so buckets exceed a cap of 3.
+    rng = np.random.default_rng(3)
+    crowded = (rng.integers(0, 300, 20_000).astype(np.uint64) << np.uint64(24)) | rng.integers(
+        0, 1 << 24, 20_000).astype(np.uint64)
+    values = np.unique(np.concatenate((crowded.view(np.int64), _random_hashes(30_000))))
+    buffers = [np.empty(values.size, np.uint64) for _ in range(3)]
+    for spec in plan_tables(6, values.size)[:6]:
+        expected, expected_counters = _numpy_table_pairs(values, spec, 6, cap)
+        first, second, found = table_pairs(
+            values.view(np.uint64), np.array([shift for shift, _ in spec.blocks], np.uint64),
+            np.array([width for _, width in spec.blocks], np.uint64), spec.key_bits,
+            partition_bits(values.size, spec.key_bits), 6, cap, *buffers)
+        pairs = zip(np.searchsorted(values, first.view(np.int64)).tolist(),
+                    np.searchsorted(values, second.view(np.int64)).tolist())
+        assert {(min(pair), max(pair)) for pair in pairs} == expected
+        assert found.tolist() == [expected_counters.candidate_pairs, expected_counters.verified_pairs,
+                                  expected_counters.capped_buckets, expected_counters.capped_items]
+    if cap == 3:
+        assert expected_counters.capped_buckets > 0
+
+
+def test_exact_pairs_links_equal_values_past_a_shared_prefix() -> None:
+    # Same first 16 hex digits everywhere, so only the whole value separates these.
+    prefix = "0123456789abcdef"
+    values = np.array([prefix + tail for tail in ["9" * 48, "1" * 48, "9" * 48, "5" * 48, "1" * 48]], dtype=object)
+    sets = UnionFind(values.size)
+    sets.union(*exact_pairs(values))
+    roots = sets.roots()
+    assert roots[0] == roots[2] and roots[1] == roots[4]
+    assert len({roots[0], roots[1], roots[3]}) == 3
+    # Not hex at all: the plain string sort.
+    sets = UnionFind(3)
+    sets.union(*exact_pairs(np.array(["b", "a", "b"], dtype=object)))
+    assert sets.roots().tolist() == [0, 1, 0]
 
 
 def test_union_find_joins_chains_and_keeps_the_rest_apart() -> None:

@@ -1,0 +1,145 @@
+"""Compiled (numba) search of one multi-index table: bucket by key, verify pairs inside buckets.
+
+Why compiled: in numpy one table costs ~20 full passes over the hashes (key, pack, sort, unpack,
+gather, run detection, ranks), and at 10M hashes those arrays leave the CPU caches, so the cost
+per hash doubles between 1M and 10M. Here a table is a two-level stable counting sort on its key:
+
+1. one pass counts the top ``part_bits`` of every key, one pass scatters the hashes into those
+   partitions (the only pass that writes across the whole array);
+2. each partition (a few thousand hashes, inside the L1/L2 cache) is counting-sorted on the rest of
+   its key, and every bucket is searched pair by pair with a popcount.
+
+Work is linear in n plus the candidate pairs, and the memory traffic per hash does not depend on n.
+Both sorts are stable, so a bucket lists its hashes in the input order (ascending): the bucket cap
+keeps the same first ``cap`` hashes as the numpy path (:func:`filters.dedup.sorted_bucket_pairs`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+# Hashes per partition in step 2: 4,096 uint64 are 32 KiB, so a partition stays in L1/L2.
+PARTITION_ITEMS = 4096
+
+
+@intrinsic
+def _popcount(typingctx, value):  # noqa: ARG001 (numba's intrinsic signature)
+    """Hardware popcount (LLVM ctpop) of a uint64; numba has no population count of its own."""
+    signature = types.uint64(types.uint64)
+
+    def codegen(context, builder, sig, args):  # noqa: ARG001
+        return builder.ctpop(args[0])
+
+    return signature, codegen
+
+
+@njit(inline="always")
+def _key(value, shifts, widths):
+    key = np.uint64(0)
+    for block in range(shifts.size):
+        key = (key << widths[block]) | ((value >> shifts[block]) & ((np.uint64(1) << widths[block]) - np.uint64(1)))
+    return key
+
+
+@njit(nogil=True, cache=True)
+def _grow(array, size):
+    grown = np.empty(max(2 * array.size, size), array.dtype)
+    grown[:array.size] = array
+    return grown
+
+
+@njit(nogil=True, cache=True)
+def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, parted, local, local_key):
+    """Verified pairs of one table over ``values`` (distinct uint64 hashes, in a fixed order).
+
+    ``shifts``/``widths`` (uint64) are the table's blocks, from the top of the key down;
+    ``parted``, ``local`` and ``local_key`` are uint64 work buffers of ``values.size`` items, reused
+    across tables (fresh pages cost a fault each, which is most of a pass on a VM).
+    Returns (first, second, counters): the two hash values of every pair in a common bucket within
+    ``threshold`` bits, and [candidate_pairs, verified_pairs, capped_buckets, capped_items].
+    """
+    n = values.size
+    n_parts = 1 << part_bits
+    low_bits = np.uint64(key_bits - part_bits)
+    low_mask = (np.uint64(1) << low_bits) - np.uint64(1)
+    # Step 1: partition on the top bits of the key, stably.
+    starts = np.zeros(n_parts + 1, np.int64)
+    for item in range(n):
+        starts[(_key(values[item], shifts, widths) >> low_bits) + np.uint64(1)] += 1
+    for part in range(n_parts):
+        starts[part + 1] += starts[part]
+    fill = starts[:-1].copy()
+    for item in range(n):
+        part = _key(values[item], shifts, widths) >> low_bits
+        parted[fill[part]] = values[item]
+        fill[part] += 1
+    # Step 2: inside each partition (a cache-sized slice), count the rest of the key; only the
+    # hashes of buckets holding two or more are gathered, in input order, and searched pair by pair.
+    counts = np.zeros(1 << (key_bits - part_bits), np.int64)
+    largest = 0
+    for part in range(n_parts):
+        largest = max(largest, starts[part + 1] - starts[part])
+    group_start = np.empty(largest // 2 + 1, np.int64)
+    group_size = np.empty(largest // 2 + 1, np.int64)
+    first = np.empty(1024, np.uint64)
+    second = np.empty(1024, np.uint64)
+    found = 0
+    candidates, capped_buckets, capped_items = 0, 0, 0
+    tiny = np.uint64(threshold)
+    for part in range(n_parts):
+        begin, end = starts[part], starts[part + 1]
+        members = end - begin
+        if members < 2:
+            continue
+        shared = 0
+        for position in range(members):
+            key = _key(parted[begin + position], shifts, widths) & low_mask
+            local_key[position] = key
+            counts[key] += 1
+            if counts[key] == 2:
+                shared += 1
+        if shared:
+            # A shared bucket gets its slice of 'local' when first met; from then on its counter
+            # holds -(next free slot + 1).
+            gathered, groups = 0, 0
+            for position in range(members):
+                key = local_key[position]
+                if counts[key] >= 2:
+                    group_start[groups] = gathered
+                    group_size[groups] = counts[key]
+                    groups += 1
+                    counts[key] = -(gathered + 1)
+                    gathered += group_size[groups - 1]
+                if counts[key] < 0:
+                    local[-counts[key] - 1] = parted[begin + position]
+                    counts[key] -= 1
+            for group in range(groups):
+                size = group_size[group]
+                if size > cap:
+                    capped_buckets += 1
+                    capped_items += size - cap
+                    size = cap
+                candidates += size * (size - 1) // 2
+                one = group_start[group]
+                for left in range(one, one + size - 1):
+                    value = local[left]
+                    for right in range(left + 1, one + size):
+                        if _popcount(value ^ local[right]) <= tiny:
+                            if found == first.size:
+                                first = _grow(first, found + 1)
+                                second = _grow(second, found + 1)
+                            first[found] = value
+                            second[found] = local[right]
+                            found += 1
+        for position in range(members):
+            counts[local_key[position]] = 0
+    counters = np.array([candidates, found, capped_buckets, capped_items], np.int64)
+    return first[:found], second[:found], counters
+
+
+def partition_bits(n_items: int, key_bits: int) -> int:
+    """Top key bits used for the first pass: partitions of about PARTITION_ITEMS hashes, and at most
+    2^14 counters (128 KiB) for the rest of the key, so they stay in the L2 cache."""
+    wanted = max(0, (max(n_items, 1) // PARTITION_ITEMS).bit_length())
+    return min(key_bits, max(wanted, key_bits - 14))
