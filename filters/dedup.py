@@ -458,7 +458,7 @@ def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = Non
 
     def one_table(spec: TableSpec) -> tuple[np.ndarray, np.ndarray, PairCounters]:
         if not hasattr(local, "buffers"):
-            local.buffers = [np.empty(values.size, np.uint64) for _ in range(3)]
+            local.buffers = [np.empty(values.size, np.uint64) for _ in range(4)]
         shifts = np.array([shift for shift, _ in spec.blocks], np.uint64)
         widths = np.array([width for _, width in spec.blocks], np.uint64)
         pair_first, pair_second, found = table_pairs(

@@ -50,12 +50,12 @@ def _grow(array, size):
 
 
 @njit(nogil=True, cache=True)
-def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, parted, local, local_key):
+def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, keys, parted, parted_key, local):
     """Verified pairs of one table over ``values`` (distinct uint64 hashes, in a fixed order).
 
     ``shifts``/``widths`` (uint64) are the table's blocks, from the top of the key down;
-    ``parted``, ``local`` and ``local_key`` are uint64 work buffers of ``values.size`` items, reused
-    across tables (fresh pages cost a fault each, which is most of a pass on a VM).
+    ``keys``, ``parted``, ``parted_key`` and ``local`` are uint64 work buffers of ``values.size``
+    items, reused across tables (fresh pages cost a fault each, most of a pass on a VM).
     Returns (first, second, counters): the two hash values of every pair in a common bucket within
     ``threshold`` bits, and [candidate_pairs, verified_pairs, capped_buckets, capped_items].
     """
@@ -63,17 +63,21 @@ def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, par
     n_parts = 1 << part_bits
     low_bits = np.uint64(key_bits - part_bits)
     low_mask = (np.uint64(1) << low_bits) - np.uint64(1)
-    # Step 1: partition on the top bits of the key, stably.
+    # Step 1: partition on the top bits of the key, stably (each key computed once).
     starts = np.zeros(n_parts + 1, np.int64)
     for item in range(n):
-        starts[(_key(values[item], shifts, widths) >> low_bits) + np.uint64(1)] += 1
+        key = _key(values[item], shifts, widths)
+        keys[item] = key
+        starts[(key >> low_bits) + np.uint64(1)] += 1
     for part in range(n_parts):
         starts[part + 1] += starts[part]
     fill = starts[:-1].copy()
     for item in range(n):
-        part = _key(values[item], shifts, widths) >> low_bits
-        parted[fill[part]] = values[item]
-        fill[part] += 1
+        key = keys[item]
+        slot = fill[key >> low_bits]
+        parted[slot] = values[item]
+        parted_key[slot] = key & low_mask
+        fill[key >> low_bits] = slot + 1
     # Step 2: inside each partition (a cache-sized slice), count the rest of the key; only the
     # hashes of buckets holding two or more are gathered, in input order, and searched pair by pair.
     counts = np.zeros(1 << (key_bits - part_bits), np.int64)
@@ -93,9 +97,9 @@ def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, par
         if members < 2:
             continue
         shared = 0
+        local_key = parted_key[begin:end]
         for position in range(members):
-            key = _key(parted[begin + position], shifts, widths) & low_mask
-            local_key[position] = key
+            key = local_key[position]
             counts[key] += 1
             if counts[key] == 2:
                 shared += 1

@@ -115,7 +115,7 @@ def test_compiled_table_search_equals_the_numpy_search(cap: int) -> None:
     crowded = (rng.integers(0, 300, 20_000).astype(np.uint64) << np.uint64(24)) | rng.integers(
         0, 1 << 24, 20_000).astype(np.uint64)
     values = np.unique(np.concatenate((crowded.view(np.int64), _random_hashes(30_000))))
-    buffers = [np.empty(values.size, np.uint64) for _ in range(3)]
+    buffers = [np.empty(values.size, np.uint64) for _ in range(4)]
     for spec in plan_tables(6, values.size)[:6]:
         expected, expected_counters = _numpy_table_pairs(values, spec, 6, cap)
         first, second, found = table_pairs(

@@ -152,6 +152,8 @@ def make_config(input_path: Path, output: Path, models: dict[str, str] | None = 
                     "allow_private_networks": True},
             "download": {"thread_count": 8, "timeout": 1.5, "resources": {"num_cpus": 1}},
             "inspect": {"resolution": {"min_side": MIN_SIDE}},
+            # The Ray shuffle search, as on a cluster (the demo test runs the in-driver search).
+            "dedup": {"single_machine_max_rows": 0},
             "backtranslation": {"enabled": models is not None, "models": models or {}, "batch_size": 32,
                                 "max_new_tokens": 24} if models else {"enabled": False},
             "shards": {"samples_per_shard": 8}}

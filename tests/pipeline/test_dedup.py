@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from filters.caption import normalize_caption
-from filters.dedup import DedupConfig, find_duplicates
+from filters.dedup import DedupConfig, find_duplicates, plan_tables
 from filters.image import inspect_image
-from pipeline.dedup import find_duplicates_ray
+from pipeline.dedup import find_duplicates_in_driver, find_duplicates_ray
 
 N_PHOTOS = 120
 N_SHARDS = 10
@@ -96,11 +96,22 @@ def test_ray_dedup_finds_copies_across_shards_like_single_machine(ray_session, s
     assert {name: counters[name] for name in single.counters} == single.counters
 
 
+def test_driver_search_equals_the_ray_shuffle(ray_session, shards) -> None:
+    files = shards[0]
+    config = DedupConfig()
+    shuffled, shuffled_counters = find_duplicates_ray(files, config, records_per_group=2000)
+    driver, driver_counters = find_duplicates_in_driver(files, config)
+    assert sorted(driver.to_pylist(), key=lambda r: r["key"]) == sorted(shuffled.to_pylist(), key=lambda r: r["key"])
+    assert driver_counters == shuffled_counters
+    assert driver_counters["duplicates"] > 0
+
+
 def test_tables_in_waves_give_the_same_result(ray_session, shards) -> None:
     files = shards[0]
     config = DedupConfig()
     whole, whole_counters = find_duplicates_ray(files, config, records_per_group=2000)
-    # 84 tables in waves of 20: five shuffles, each holding a quarter of the records.
-    waves, wave_counters = find_duplicates_ray(files, config, records_per_group=2000, tables_per_shuffle=20)
+    # The tables (7 at this size) in waves of 3: three shuffles, each holding part of the records.
+    assert len(plan_tables(config.hamming_threshold, whole.num_rows)) > 3
+    waves, wave_counters = find_duplicates_ray(files, config, records_per_group=2000, tables_per_shuffle=3)
     assert sorted(waves.to_pylist(), key=lambda r: r["key"]) == sorted(whole.to_pylist(), key=lambda r: r["key"])
     assert wave_counters == whole_counters

@@ -26,6 +26,9 @@ def test_demo_builds_trains_and_evaluates(tmp_path, ray_session, capsys) -> None
     assert [s["stage"] for s in stats["stages"]] == ["input", "download", "inspect", "dedup", "unsafe",
                                                     "backtranslate"]
     assert not any(s["skipped"] for s in stats["stages"])
+    # The demo's few hundred rows are searched in the driver (the pipeline tests run the shuffle).
+    dedup = next(s for s in stats["stages"] if s["stage"] == "dedup")
+    assert dedup["counters"]["search_in_driver"] == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer"] == "tokenizer.model" and (out / "shards" / "tokenizer.model").exists()
     assert manifest["total_samples"] == sum(e["expect"] == "kept" for e in expected)
