@@ -6,7 +6,9 @@ earlier row of an earlier shard with 1..6 random bits flipped) and 0.1% planted 
 (same sha256 and phash as a row of an earlier shard). Then starts a local Ray as the pipeline does
 (`pipeline.ray_adapter.init_ray` + `pipeline.build._size_shuffles`: task-based pull sort shuffle,
 no progress bars; find_duplicates_ray picks its own partition counts), times `find_duplicates_ray`,
-and checks that every planted pair ended in the same cluster.
+and checks that every planted pair ended in the same cluster. Then times the in-driver search
+(`pipeline.dedup.find_duplicates_in_driver`, what the dedup stage runs up to
+`single_machine_max_rows`) on the same shards and checks it gives the same table and counters.
 
 Each (rows, tables_per_shuffle) run is its own subprocess with its own Ray, so ``ru_maxrss`` is
 that run's driver peak. Prints one JSON line per run. Besides wall time and the counters, each run
@@ -279,6 +281,15 @@ def run_one(n_rows: int, tables_per_shuffle: int | None, records_per_group: int,
     spill = _object_store()
     ray.shutdown()
 
+    # The peer in the same run: the in-driver search the dedup stage uses up to
+    # single_machine_max_rows, on the same shards (after the shuffle, so its memory does not mix in).
+    dedup.find_duplicates_in_driver(planted["paths"][:1], config, threads=num_cpus)  # one-time costs
+    start = time.perf_counter()
+    in_driver, in_driver_counters = dedup.find_duplicates_in_driver(planted["paths"], config, threads=num_cpus)
+    in_driver_seconds = time.perf_counter() - start
+    same_result = (in_driver.sort_by("key").equals(table.sort_by("key"))
+                   and in_driver_counters == counters)
+
     keys = np.asarray(table["key"].to_numpy(zero_copy_only=False)).astype(str)
     cluster = np.asarray(table["cluster_id"].to_numpy(zero_copy_only=False)).astype(str)
     order = np.argsort(keys)
@@ -303,6 +314,8 @@ def run_one(n_rows: int, tables_per_shuffle: int | None, records_per_group: int,
         "tables": n_tables, "tables_per_shuffle": tables_per_shuffle, "waves": -(-n_tables // wave),
         "records_per_group": records_per_group, "num_cpus": num_cpus,
         "seconds": round(seconds, 2), "driver_cpu_seconds": round(driver_cpu, 2),
+        "in_driver_seconds": round(in_driver_seconds, 2), "in_driver_same_result": bool(same_result),
+        "shuffle_over_in_driver": round(seconds / in_driver_seconds, 1),
         "ray_processes_cpu_seconds": round(ray_cpu, 1),
         "shuffle_seconds": round(seconds - accounted, 2),
         "generate_seconds": round(generate_seconds, 2), "ray_init_seconds": round(init_seconds, 2),

@@ -19,6 +19,8 @@ def test_cluster_example_is_cluster_shaped() -> None:
     assert config.run.output.startswith("s3://")
     assert config.run.allow_private_networks is False
     assert config.run.ray_address == "auto"
+    # Its ~147M rows are past the in-driver search, so the example sizes the shuffle's waves.
+    assert config.dedup.single_machine_max_rows < 147_000_000 and config.dedup.tables_per_shuffle
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -50,6 +52,8 @@ def test_invalid_value_and_literal(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "run: {input: a, output: b, shard_size: 0}\n"))
     with pytest.raises(ConfigError, match=r"download\.resize_mode: expected one of"):
         load_config(_write(tmp_path, "run: {input: a, output: b}\ndownload: {resize_mode: stretch}\n"))
+    with pytest.raises(ConfigError, match=r"dedup\.single_machine_max_rows must be 0 or more"):
+        load_config(_write(tmp_path, "run: {input: a, output: b}\ndedup: {single_machine_max_rows: -1}\n"))
 
 
 def test_missing_file_is_clear(tmp_path: Path) -> None:
