@@ -159,7 +159,9 @@ def plan_tables(threshold: int, n_items: int, max_tables: int | None = None) -> 
             cost = _plan_cost(n_items, layout, list(tables))
             if best is None or cost < best[0]:
                 best = (cost, layout, tables)
-        if all_combinations > limit:
+        # Past 16 blocks no cover is searched, so once every combination is over the limit too,
+        # larger block counts offer nothing.
+        if all_combinations > limit and n_blocks >= 16:
             break
     if best is None:  # only when max_tables is below the smallest plan: one block per table.
         layout = _block_layout(threshold + 1)
@@ -456,28 +458,45 @@ def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = Non
     # One set of work buffers per thread: fresh pages cost a fault each, which is most of a pass.
     local = threading.local()
 
-    def one_table(spec: TableSpec) -> tuple[np.ndarray, np.ndarray, PairCounters]:
+    # Each pair is returned by the first table (in plan order) whose key blocks it agrees on,
+    # described to the kernel as block masks over the plan's layout.
+    layout = sorted({block for spec in specs for block in spec.blocks}, reverse=True)
+    layout_shifts = np.array([shift for shift, _ in layout], np.uint64)
+    layout_widths = np.array([width for _, width in layout], np.uint64)
+    table_masks = np.array([sum(1 << layout.index(block) for block in spec.blocks) for spec in specs], np.uint64)
+
+    def one_table(spec: TableSpec, once: bool) -> tuple[np.ndarray, np.ndarray, PairCounters]:
         if not hasattr(local, "buffers"):
             local.buffers = [np.empty(values.size, np.uint64) for _ in range(4)]
         shifts = np.array([shift for shift, _ in spec.blocks], np.uint64)
         widths = np.array([width for _, width in spec.blocks], np.uint64)
+        earlier = table_masks[:spec.table_id] if once else table_masks[:0]
         pair_first, pair_second, found = table_pairs(
             sorted_bits, shifts, widths, spec.key_bits, partition_bits(values.size, spec.key_bits),
-            config.hamming_threshold, config.bucket_cap, *local.buffers)
+            config.hamming_threshold, config.bucket_cap, *local.buffers, layout_shifts, layout_widths, earlier)
         # The kernel returns hash values; 'values' is sorted, so their positions are a binary search.
         pair_first = np.searchsorted(values, pair_first.view(np.int64))
         pair_second = np.searchsorted(values, pair_second.view(np.int64))
         table_counters = PairCounters(*(int(count) for count in found))
         return head_item[pair_first], head_item[pair_second], table_counters
 
-    # The plan depends on the item count, not the distinct-hash count, as in the Ray path.
-    counters = PairCounters()
-    # The compiled tables release the GIL, so tables overlap on threads without copies.
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for pair_first, pair_second, table_counters in pool.map(one_table, specs):
-            counters.add(table_counters)
-            first.append(pair_first)
-            second.append(pair_second)
+    def all_tables(once: bool) -> tuple[list[np.ndarray], list[np.ndarray], PairCounters]:
+        found_first, found_second, counters = [], [], PairCounters()
+        # The compiled tables release the GIL, so tables overlap on threads without copies.
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for pair_first, pair_second, table_counters in pool.map(lambda spec: one_table(spec, once), specs):
+                counters.add(table_counters)
+                found_first.append(pair_first)
+                found_second.append(pair_second)
+        return found_first, found_second, counters
+
+    near_first, near_second, counters = all_tables(once=True)
+    if counters.capped_buckets:
+        # A capped bucket may have left out a pair that its first table would have returned;
+        # rare (flat images), so then every table returns every pair it verifies.
+        near_first, near_second, counters = all_tables(once=False)
+    first += near_first
+    second += near_second
     return np.concatenate(first), np.concatenate(second), counters
 
 

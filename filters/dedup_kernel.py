@@ -46,6 +46,22 @@ def _key(value, shifts, widths):
     return key
 
 
+@njit(inline="always")
+def _found_earlier(difference, layout_shifts, layout_widths, earlier_tables):
+    """Whether some earlier table's key blocks all agree for a pair with this XOR of hashes."""
+    if earlier_tables.size == 0:
+        return False
+    dirty = np.uint64(0)
+    for block in range(layout_shifts.size):
+        mask = (np.uint64(1) << layout_widths[block]) - np.uint64(1)
+        if (difference >> layout_shifts[block]) & mask:
+            dirty |= np.uint64(1) << np.uint64(block)
+    for table in range(earlier_tables.size):
+        if earlier_tables[table] & dirty == 0:
+            return True
+    return False
+
+
 @njit(nogil=True, cache=True)
 def _grow(array, size):
     grown = np.empty(max(2 * array.size, size), array.dtype)
@@ -54,10 +70,17 @@ def _grow(array, size):
 
 
 @njit(nogil=True, cache=True)
-def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, keys, parted, parted_key, local):
+def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, keys, parted, parted_key, local,
+                layout_shifts, layout_widths, earlier_tables):
     """Verified pairs of one table over ``values`` (distinct uint64 hashes, in a fixed order).
 
     ``shifts``/``widths`` (uint64) are the table's blocks, from the top of the key down;
+    ``layout_shifts``/``layout_widths`` are all blocks of the plan, and ``earlier_tables`` holds,
+    for each table before this one in the plan, a mask of the blocks (bit i: layout block i) its
+    key uses. A verified pair is returned only when no earlier table's key blocks all agree for
+    it: that table returns it, so each pair comes back once over the whole plan instead of once
+    per table it shares (a close pair shares about half of them). Pass an empty
+    ``earlier_tables`` to get every pair this table verifies. The counters count every one.
     ``keys``, ``parted``, ``parted_key`` and ``local`` are uint64 work buffers of ``values.size``
     items, reused across tables (fresh pages cost a fault each, most of a pass on a VM).
     Returns (first, second, counters): the two hash values of every pair in a common bucket within
@@ -92,7 +115,7 @@ def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, key
     group_size = np.empty(largest // 2 + 1, np.int64)
     first = np.empty(1024, np.uint64)
     second = np.empty(1024, np.uint64)
-    found = 0
+    found, verified = 0, 0
     candidates, capped_buckets, capped_items = 0, 0, 0
     limit = np.uint64(threshold)
     for part in range(n_parts):
@@ -134,6 +157,9 @@ def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, key
                     value = local[left]
                     for right in range(left + 1, one + size):
                         if _popcount(value ^ local[right]) <= limit:
+                            verified += 1
+                            if _found_earlier(value ^ local[right], layout_shifts, layout_widths, earlier_tables):
+                                continue
                             if found == first.size:
                                 first = _grow(first, found + 1)
                                 second = _grow(second, found + 1)
@@ -142,7 +168,7 @@ def table_pairs(values, shifts, widths, key_bits, part_bits, threshold, cap, key
                             found += 1
         for position in range(members):
             counts[local_key[position]] = 0
-    counters = np.array([candidates, found, capped_buckets, capped_items], np.int64)
+    counters = np.array([candidates, verified, capped_buckets, capped_items], np.int64)
     return first[:found], second[:found], counters
 
 
