@@ -110,8 +110,9 @@ def _covering_tables(n_blocks: int, threshold: int, key_blocks: int) -> tuple[tu
     result lies wholly in blocks where the two hashes agree: the pair shares that table's bucket.
     With ``key_blocks = n_blocks - threshold`` this is every combination (Manku et al.); fewer
     key blocks leave several clean sets per pair, and a greedy cover needs far fewer tables than
-    all combinations (9 blocks choose 3 = 84 tables of 21-22 bits, against 84 tables of 20-25
-    bits from 14 blocks choose 5 covered greedily). Deterministic: ties go to the first set.
+    all combinations (9 blocks choose 3 = 84 tables of 21-22 bits, against 62 tables of 20-24
+    bits from 12 blocks choose 4 covered greedily, at t = 6). Deterministic: ties go to the first
+    set.
     """
     candidates = list(itertools.combinations(range(n_blocks), key_blocks))
     if key_blocks == n_blocks - threshold:
@@ -163,7 +164,8 @@ def plan_tables(threshold: int, n_items: int, max_tables: int | None = None) -> 
         # larger block counts offer nothing.
         if all_combinations > limit and n_blocks >= 16:
             break
-    if best is None:  # only when max_tables is below the smallest plan: one block per table.
+    if best is None:  # max_tables is below threshold + 1, the fewest tables any exact plan has
+        # (one block each, threshold + 1 blocks: some block holds no differing bit); use that.
         layout = _block_layout(threshold + 1)
         best = (0.0, layout, tuple((block,) for block in range(threshold + 1)))
     _, layout, tables = best
