@@ -59,12 +59,14 @@ def run_one(n_items: int, threshold: int, seed: int, threads: int) -> dict:
     result = find_duplicates(keys, sha256, hashes, area, config, threads=threads)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     found = int((result.representative[sources] == result.representative[copies]).sum())
-    tables = len(plan_tables(threshold, n_items))
+    specs = plan_tables(threshold, n_items)
+    tables = len(specs)
     return {
         "n": n_items, "threshold": threshold, "threads": threads, "tables": tables,
         # Whole run over (rows x tables): flat in n means the work is linear per table.
         "ns_per_row_per_table": round(seconds / n_items / tables * 1e9, 1),
-        "key_bits": plan_tables(threshold, n_items)[0].key_bits, "seconds": round(seconds, 2),
+        "key_bits": [min(s.key_bits for s in specs), max(s.key_bits for s in specs)],
+        "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2), "warm_up_seconds": round(warm_up_seconds, 2),
         "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "planted": int(sources.size), "planted_found": found, **result.counters,

@@ -8,11 +8,11 @@ rank's data position.
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -69,19 +69,20 @@ class DedupStageConfig(DedupConfig):
     """Global exact (sha256) and near (pHash Hamming distance) deduplication."""
 
     enabled: bool = True
-    # Up to this many rows the search runs in the driver (compiled, ~450 bytes a row at the peak);
-    # above it, as a Ray Data shuffle that no single machine has to hold. 0: always the shuffle.
+    # Up to this many rows the search runs in the driver (compiled; ~260 bytes a row at its peak at
+    # 10M, besides the row table the driver holds anyway); above it, as a Ray Data shuffle that no
+    # single machine has to hold. 0: always the shuffle.
     single_machine_max_rows: int = 10_000_000
     # Search the multi-index tables in waves of this many per Ray shuffle (None: all at once). The
     # shuffle holds rows x tables records of ~150 bytes; see docs/SCALING.md for sizing.
     tables_per_shuffle: int | None = None
+    resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self) -> None:
         if self.tables_per_shuffle is not None and self.tables_per_shuffle < 1:
             raise ValueError("dedup.tables_per_shuffle must be at least 1 (or null for all at once)")
         if self.single_machine_max_rows < 0:
             raise ValueError("dedup.single_machine_max_rows must be 0 or more")
-    resources: Resources = field(default_factory=Resources)
 
 
 @dataclass

@@ -121,17 +121,29 @@ def _empty_result() -> tuple[pa.Table, dict[str, int]]:
     return empty, {name: 0 for name in (*_COUNTERS, "rows", "clusters", "duplicates")}
 
 
+def _kept_rows(parquet_paths: list[str]) -> tuple[pa.dataset.Dataset, pc.Expression | None]:
+    """The shards as one pyarrow dataset, and the filter for the rows still kept (drop_reason null)."""
+    dataset = pa.dataset.dataset(parquet_paths, format="parquet")
+    return dataset, pc.field("drop_reason").is_null() if "drop_reason" in dataset.schema.names else None
+
+
+def count_kept_rows(parquet_paths: list[str]) -> int:
+    """Rows still kept over all shards, from the Parquet files (one column read)."""
+    dataset, kept = _kept_rows(parquet_paths)
+    return dataset.count_rows(filter=kept)
+
+
 def find_duplicates_in_driver(parquet_paths: list[str], config: DedupConfig, threads: int = 2
                               ) -> tuple[pa.Table, dict[str, int]]:
     """The same result as :func:`find_duplicates_ray`, searched in this process.
 
-    For corpora whose rows fit one machine (~450 bytes a row at the peak, measured at 1M and 10M in
-    docs/BENCHMARKS.md) this is 50-100x cheaper than the Ray shuffle: the compiled single-machine
-    search (:func:`filters.dedup.near_pairs`) over the same tables, no records in flight.
+    For corpora whose rows fit one machine (~260 bytes a row at the search's peak at 10M, plus the
+    row table; docs/BENCHMARKS.md) this is far cheaper than the Ray shuffle (26-31x at 100k-1M
+    rows, measured on one machine): the compiled single-machine search
+    (:func:`filters.dedup.near_pairs`) over the same tables, no records in flight.
     """
-    dataset = pa.dataset.dataset(parquet_paths, format="parquet")
-    has_drop_reason = "drop_reason" in dataset.schema.names
-    table = dataset.to_table(columns=COLUMNS, filter=pc.field("drop_reason").is_null() if has_drop_reason else None)
+    dataset, kept = _kept_rows(parquet_paths)
+    table = dataset.to_table(columns=COLUMNS, filter=kept)
     if table.num_rows == 0:
         return _empty_result()
     phash = table["phash"].to_numpy(zero_copy_only=False).astype(np.int64)

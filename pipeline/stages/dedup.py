@@ -6,7 +6,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset  # noqa: F401 (pa.dataset)
 
 from pipeline.config import DedupStageConfig
 from pipeline.stage import RecordStage, Resources
@@ -18,18 +17,18 @@ CLUSTERS = "dedup/clusters"
 
 def find_clusters(storage: Storage, input_stage: str, shards: list[str], config: DedupStageConfig) -> dict:
     """Write `dedup/clusters/NNNNN.parquet` (by the shard each key came from); resumable as a whole."""
-    from pipeline.dedup import find_duplicates_in_driver, find_duplicates_ray
+    from pipeline.dedup import count_kept_rows, find_duplicates_in_driver, find_duplicates_ray
 
     if storage.exists(f"{CLUSTERS}/.done"):
         return storage.read_json(f"{CLUSTERS}/counters.json")
     start = time.perf_counter()
     paths = [storage.full_url(f"{input_stage}/{s}.parquet") for s in shards]
-    rows = _kept_rows(paths)
-    if rows <= config.single_machine_max_rows:
+    in_driver = count_kept_rows(paths) <= config.single_machine_max_rows
+    if in_driver:
         table, counters = find_duplicates_in_driver(paths, config, threads=max(1, int(config.resources.num_cpus)))
     else:
         table, counters = find_duplicates_ray(paths, config, tables_per_shuffle=config.tables_per_shuffle)
-    counters["in_driver"] = int(rows <= config.single_machine_max_rows)  # which search ran (1: driver)
+    counters["in_driver"] = int(in_driver)  # which search ran (1: the driver)
     # img2dataset keys start with the 5-digit shard id, so each shard's rows can be written apart.
     prefix = pc.utf8_slice_codeunits(table["key"], 0, 5)
     for shard in shards:
@@ -38,14 +37,6 @@ def find_clusters(storage: Storage, input_stage: str, shards: list[str], config:
     storage.write_json(f"{CLUSTERS}/counters.json", counters)
     storage.write_text(f"{CLUSTERS}/.done", "")
     return counters
-
-
-def _kept_rows(paths: list[str]) -> int:
-    """Rows still kept (drop_reason null) over all shards, from the Parquet files themselves."""
-    dataset = pa.dataset.dataset(paths, format="parquet")
-    if "drop_reason" not in dataset.schema.names:
-        return dataset.count_rows()
-    return dataset.count_rows(filter=pc.field("drop_reason").is_null())
 
 
 class DedupStage(RecordStage):
