@@ -13,7 +13,7 @@ per hash doubles between 1M and 10M. Here a table is a two-level counting pass o
    counter updates.
 
 Work is linear in n plus the candidate pairs, and the memory traffic per hash does not depend on n
-(bench/dedup_scale.py: 21.6 and 25.5 ns per hash and table at 1M and 10M). A bucket lists its
+(bench/dedup_scale.py, whole run: 23.1 and 25.8 ns per hash and table at 1M and 10M). A bucket lists its
 hashes in the input order (ascending), so the bucket cap keeps the same first ``cap`` hashes as the
 numpy path (:func:`filters.dedup.sorted_bucket_pairs`) and the Ray path.
 """
