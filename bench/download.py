@@ -78,9 +78,8 @@ def run_ours(url_list: Path, work: Path, settings: dict) -> dict:
 
     output = str(work / "ours")
     config = config_from_dict({
-        "run": {"input": str(url_list), "output": output, "shard_size": settings["shard_size"],
-                "allow_private_networks": True},
-        "download": {"image_size": 256, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
+        "run": {"input": str(url_list), "output": output, "shard_size": settings["shard_size"]},
+        "download": {"allow_networks": ["127.0.0.1/32"], "image_size": 256, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
                      "encode_quality": 95, "thread_count": settings["threads"],
                      "timeout": settings["timeout"], "retries": 0,
                      "disallowed_header_directives": DIRECTIVES},

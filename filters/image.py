@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from filters.base import DECODE_ERROR
+from filters.integrity import truncation_reason
 
 # Truncated files must fail loudly; PIL would otherwise fill the missing part with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -50,31 +51,27 @@ def _hash_bits(hash_matrix: np.ndarray) -> int:
     return int.from_bytes(np.packbits(hash_matrix.flatten()).tobytes(), "big")
 
 
-def _jpeg_has_end_marker(data: bytes) -> bool:
-    # PIL decodes a JPEG that lost only its last one or two bytes without complaint. The end marker
-    # must follow the last start-of-scan: an EXIF thumbnail has its own end marker earlier on, and
-    # web files often carry junk after the end marker, so neither "ends with" nor "contains" works.
-    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
-
-
 def inspect_image(data: bytes) -> ImageInfo:
     """Fully decode ``data`` and return its sha256, pHash and pixel size.
 
-    Raises :class:`ImageDecodeError` for anything PIL cannot decode to the last pixel.
+    Raises :class:`ImageDecodeError` for a body cut before its format's end structure (see
+    :func:`filters.integrity.truncation_reason`) and for anything PIL cannot decode to the last pixel.
     """
     if not data:
         raise ImageDecodeError("empty body")
+    # The structural check is the download stage's rule too; it also catches what PIL forgives
+    # (a JPEG missing only its last bytes) and costs nothing next to a decode.
+    truncated = truncation_reason(data)
+    if truncated is not None:
+        raise ImageDecodeError(f"{truncated}: the bytes stop before the format's end structure")
     try:
         with Image.open(io.BytesIO(data)) as image:
             # open() only reads the header; load() decodes every pixel and fails on truncation.
             image.load()
             width, height = image.size
             phash = imagehash.phash(image)
-            image_format = image.format
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
         raise ImageDecodeError(f"{type(error).__name__}: {error}") from error
-    if image_format == "JPEG" and not _jpeg_has_end_marker(data):
-        raise ImageDecodeError("JPEG without end-of-image marker after its last scan (truncated)")
     return ImageInfo(
         sha256=hashlib.sha256(data).hexdigest(),
         phash=phash_to_signed(_hash_bits(phash.hash)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from filters.web.address import AddressPolicy
 from pipeline.config import PipelineConfig, dump_yaml
 from pipeline.input import prepare_input
 from pipeline.ray_adapter import init_ray, run_stage
@@ -105,7 +106,8 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
     storage = Storage(config.run.output)
     storage.makedirs("")
     _record_config(config, storage)
-    shards, input_stats = prepare_input(config.run, storage)
+    shards, input_stats = prepare_input(
+        config.run, storage, AddressPolicy.from_strings(config.download.allow_networks))
     progress(f"[input] {input_stats.rows_in} rows: {input_stats.rows_out} to download in "
              f"{len(shards)} shard(s), {input_stats.n_dropped} dropped")
     init_ray(config.run.ray_address)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from filters.backtranslation import BackTranslationConfig
 from filters.caption import CaptionFilterConfig
@@ -27,8 +27,11 @@ class RunConfig:
     caption_column: str = "caption"
     shard_size: int = 10000  # rows per download shard (img2dataset's number_sample_per_shard)
     ray_address: str | None = None
-    allow_private_networks: bool = False  # the address guard; the demo and tests turn it off
     seed: int = 0
+
+    REPLACED_KEYS: ClassVar[dict[str, str]] = {
+        "allow_private_networks": "open only the networks you need with download.allow_networks, "
+                                  "e.g. [127.0.0.1/32]; the guard now runs at connect time"}
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -47,12 +50,39 @@ class DownloadConfig:
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = 95
     thread_count: int = 64
-    timeout: float = 10.0
-    retries: int = 0
+    timeout: float = 10.0            # seconds one connect or one read may wait
+    deadline: float = 30.0           # seconds one download may take in all: hops, headers, body
+    max_body_bytes: int = 8 * 1024 * 1024  # refused (too_large) while streaming, never after
+    max_pixels: int = 40_000_000     # width x height read from the header, before decoding
+    max_redirects: int = 10
+    retries: int = 0                 # for transient failures only: timeouts, connection errors, 429, 5xx
+    max_retry_wait: float = 10.0     # longest Retry-After honoured; a longer one ends the download
+    # The address guard, at connect time on every redirect hop: only public addresses unless a
+    # network is listed here (CIDR). Link-local and cloud metadata addresses stay refused unless
+    # an entry lies inside them (169.254.169.254/32).
+    allow_networks: list[str] = field(default_factory=list)
+    # Static host name -> addresses, looked up before DNS (as curl's --resolve); the guard checks
+    # them like any resolved address.
+    hosts: dict[str, list[str]] = field(default_factory=dict)
     user_agent_token: str | None = "filip-corpus"
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        from filters.web.address import parse_networks
+
+        parse_networks(self.allow_networks)
+        for name, addresses in self.hosts.items():
+            parse_networks(addresses, key=f"download.hosts.{name}")
+        positive = {"thread_count": self.thread_count, "timeout": self.timeout, "deadline": self.deadline,
+                    "max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels,
+                    "image_size": self.image_size}
+        for key, value in positive.items():
+            if not value > 0 or value != value or value == float("inf"):
+                raise ValueError(f"download.{key} must be a positive finite number, got {value!r}")
+        if self.retries < 0 or self.max_redirects < 0 or not 0 <= self.max_retry_wait < float("inf"):
+            raise ValueError("download.retries, max_redirects and max_retry_wait must be 0 or more")
 
 
 @dataclass

@@ -88,6 +88,10 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        # A class may name keys it replaced, so an old config gets told what to write instead.
+        replaced = getattr(cls, "REPLACED_KEYS", {}).get(unknown[0])
+        if replaced:
+            raise ConfigError(f"{prefix}{unknown[0]} was replaced: {replaced}")
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]} (known keys here: {', '.join(sorted(fields))})"
         )

@@ -1,73 +1,65 @@
-"""The download stage: img2dataset's own downloader, one shard per Ray actor call.
+"""The download stage: guarded, bounded fetches written in img2dataset's format.
 
-img2dataset is used as a library (its `Downloader`, `Resizer` and WebDataset writer), so the files
-under `<output>/download/` are exactly img2dataset's: `NNNNN.tar`, `NNNNN.parquet` and
-`NNNNN_stats.json`. What this stage adds around it: the shard is written into a temporary folder
-and moved into place, then marked done, so a killed run never leaves a partial shard that looks
-complete; every row's outcome is classified into a reason; truncated files are refused.
+The files under `<output>/download/` are img2dataset's: `NNNNN.tar` written by its
+`WebDatasetSampleWriter`, `NNNNN.parquet` (one row per input row, its columns plus `key`, `status`,
+`error_message`, sizes, `sha256`) and `NNNNN_stats.json` by its `write_stats`, keys by its
+`compute_key`. Two pieces of img2dataset are replaced, because they cannot be made safe from
+outside: its fetcher (urllib follows redirects to any address, has no deadline and reads bodies
+whole) by `filters/web/fetch.py`, and its cv2 resizer (decodes before any pixel check, ignores EXIF
+orientation, mangles 16-bit images) by `filters/web/image_encode.py`. Its per-shard loop is replaced
+with the one below, which also records each row's final URL, redirect count and attempts.
+
+A shard is written into a temporary folder and moved into place, then marked done, so a killed
+run never leaves a partial shard that looks complete.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
-import re
-import tempfile
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import pyarrow as pa
 
-from filters.integrity import truncation_reason
+from filters.web.address import AddressPolicy
+from filters.web.fetch import FetchResult, FetchSettings, fetch_with_retries
+from filters.web.image_encode import EncodeSettings, ImageRefused, encode_for_training
 from pipeline.config import DownloadConfig
 from pipeline.stage import DROP_KIND, DROP_REASON, Stage, stats_from_decisions
 from pipeline.stats import StageStats
 
-ROBOTS_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"
-_HTTP_ERROR = re.compile(r"HTTP Error (\d{3})")
+OOM_SHARD_COUNT = 5  # img2dataset's digits for the shard number in a key
+# Columns this stage adds to img2dataset's parquet.
+DOWNLOAD_COLUMNS = (("final_url", pa.string()), ("redirects", pa.int32()), ("attempts", pa.int32()))
+DROPPED_REASONS = {"robots_optout"}  # our decision to honour the site's wish, not a failure
 
 
 def classify_outcome(status: str | None, error: str | None) -> tuple[str | None, str | None]:
-    """(kind, reason) of one img2dataset row: (None, None) for a success, else ('failed' or
-    'dropped', reason). An X-Robots-Tag opt-out is our decision to honour it, hence 'dropped'."""
+    """(kind, reason) of one row: (None, None) for a success, else ('failed' or 'dropped', reason).
+    The reason is the code before the first ':' of `error_message`."""
     if status == "success":
         return None, None
-    error = error or ""
-    if status == "failed_to_resize":
-        if error.startswith("truncated"):
-            return "failed", "truncated_image"
-        if "decoding" in error.lower():
-            return "failed", "not_an_image"
-        return "failed", "resize_error"
-    if error.startswith(ROBOTS_MESSAGE):
-        return "dropped", "robots_optout"
-    lowered = error.lower()
-    if "infinite loop" in lowered:  # urllib reports it as the last redirect's HTTP error
-        return "failed", "redirect_loop"
-    if match := _HTTP_ERROR.search(error):
-        return "failed", f"http_{match.group(1)}"
-
-    if "timed out" in lowered or "timeout" in lowered:
-        return "failed", "timeout"
-    if "connection refused" in lowered:
-        return "failed", "connection_refused"
-    if "urlopen error" in lowered or "connection" in lowered or "remote end closed" in lowered:
-        return "failed", "connection_error"
-    return "failed", "download_error"
+    reason = (error or "download_error").split(":", 1)[0].strip() or "download_error"
+    return ("dropped" if reason in DROPPED_REASONS else "failed"), reason
 
 
-def _checking_resizer_class():
-    from img2dataset.resizer import Resizer
+def fetch_settings(config: DownloadConfig) -> FetchSettings:
+    return FetchSettings(
+        policy=AddressPolicy.from_strings(config.allow_networks), timeout=config.timeout,
+        deadline=config.deadline, max_body_bytes=config.max_body_bytes,
+        max_redirects=config.max_redirects,
+        user_agent_token=config.user_agent_token.strip().lower() if config.user_agent_token else None,
+        disallowed_header_directives=frozenset(d.strip().lower() for d in config.disallowed_header_directives),
+        hosts={name.lower(): tuple(addresses) for name, addresses in config.hosts.items()})
 
-    class TruncationCheckingResizer(Resizer):
-        """img2dataset's Resizer that first refuses files cut before their end marker."""
 
-        def __call__(self, img_stream, blurring_bbox_list=None):
-            img_stream.seek(0)
-            if truncation_reason(img_stream.read()) is not None:
-                return None, None, None, None, None, "truncated image (no end marker)"
-            img_stream.seek(0)
-            return super().__call__(img_stream, blurring_bbox_list)
-
-    return TruncationCheckingResizer
+def encode_settings(config: DownloadConfig) -> EncodeSettings:
+    return EncodeSettings(image_size=config.image_size, resize_mode=config.resize_mode,
+                          resize_only_if_bigger=config.resize_only_if_bigger,
+                          encode_format=config.encode_format, encode_quality=config.encode_quality,
+                          max_pixels=config.max_pixels)
 
 
 class DownloadStage(Stage):
@@ -79,43 +71,17 @@ class DownloadStage(Stage):
         super().__init__(output, config.resources)
         self.config = config
         self.shard_size = shard_size
-        self._downloader_parts = None
-
-    def _make_downloader(self, output_folder: str, column_list: list[str]):
-        from img2dataset.downloader import Downloader
-        from img2dataset.writer import WebDatasetSampleWriter
-
-        cfg = self.config
-        resizer = _checking_resizer_class()(
-            image_size=cfg.image_size, resize_mode=cfg.resize_mode,
-            resize_only_if_bigger=cfg.resize_only_if_bigger, encode_quality=cfg.encode_quality,
-            encode_format=cfg.encode_format)
-        return Downloader(
-            sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.thread_count,
-            save_caption=True, extract_exif=False, output_folder=output_folder, column_list=column_list,
-            timeout=cfg.timeout, number_sample_per_shard=self.shard_size, oom_shard_count=5,
-            compute_hash="sha256", verify_hash_type=None, encode_format=cfg.encode_format,
-            retries=cfg.retries, user_agent_token=cfg.user_agent_token,
-            disallowed_header_directives=cfg.disallowed_header_directives or None)
 
     def run_shard(self, shard: str) -> StageStats:
         start = time.perf_counter()
         storage = self.storage
         rows = storage.read_parquet(f"input/{shard}.parquet")
-        columns = ["url", "caption"] + [c for c in rows.column_names if c not in ("url", "caption")]
         tmp_rel = f"{self.name}/.tmp-{uuid.uuid4().hex[:8]}-{shard}"
         storage.makedirs(tmp_rel)
         try:
-            with tempfile.TemporaryDirectory(prefix="filip-dl-") as local:
-                feather = os.path.join(local, f"{shard}.feather")
-                ordered = rows.select(columns)
-                with pa.OSFile(feather, "wb") as sink:
-                    with pa.ipc.new_file(sink, ordered.schema) as writer:
-                        writer.write_table(ordered)
-                downloader = self._make_downloader(storage.full_url(tmp_rel), columns)
-                downloader.download_shard((int(shard), feather))
-            # img2dataset writes rows in completion order (a thread pool); sorted by key, every
-            # later stage and a resumed run see the same order.
+            self._download_into(int(shard), rows, storage.full_url(tmp_rel))
+            # Rows are written in completion order (a thread pool); sorted by key, every later
+            # stage and a resumed run see the same order.
             table = storage.read_parquet(f"{tmp_rel}/{shard}.parquet").sort_by("key")
             storage.write_parquet(f"{tmp_rel}/{shard}.parquet", table)
             # img2dataset's stats file last: other tools take it as img2dataset's completion mark.
@@ -123,16 +89,89 @@ class DownloadStage(Stage):
                 storage.move(f"{tmp_rel}/{shard}{suffix}", f"{self.name}/{shard}{suffix}")
         finally:
             storage.remove(tmp_rel, recursive=True)
-        stats = stats_from_decisions(self.name, download_decisions(table))
-        if table.num_rows != rows.num_rows:  # img2dataset writes one parquet row per input row
+        if table.num_rows != rows.num_rows:
             raise RuntimeError(f"download shard {shard}: {table.num_rows} rows written for {rows.num_rows}")
+        stats = stats_from_decisions(self.name, download_decisions(table))
         stats.seconds = time.perf_counter() - start
         return stats
 
+    def _download_into(self, shard_id: int, rows: pa.Table, folder: str) -> None:
+        # img2dataset's package imports albumentations, which asks PyPI for updates unless told not to.
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        from img2dataset.downloader import compute_key
+        from img2dataset.logger import CappedCounter, write_stats
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        cfg = self.config
+        started = time.time()
+        columns = ["url", "caption"] + [c for c in rows.column_names if c not in ("url", "caption")]
+        rows = rows.select(columns)
+        schema = rows.schema
+        for name, kind in (("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+                           ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+                           ("original_height", pa.int32()), ("sha256", pa.string()), *DOWNLOAD_COLUMNS):
+            schema = schema.append(pa.field(name, kind))
+        writer = WebDatasetSampleWriter(shard_id, folder, True, OOM_SHARD_COUNT, schema, cfg.encode_format)
+        fetching, encoding = fetch_settings(cfg), encode_settings(cfg)
+        key_digits = math.ceil(math.log10(self.shard_size)) if self.shard_size > 1 else 0
+        records = rows.to_pylist()
+        counts = {"failed_to_download": 0, "failed_to_resize": 0, "success": 0}
+        messages = CappedCounter()
+
+        def fetch_row(index: int) -> tuple[int, FetchResult]:
+            return index, fetch_with_retries(records[index]["url"], fetching, cfg.retries, cfg.max_retry_wait)
+
+        # Fetched bodies wait for the encoder (this thread, as in img2dataset); at most
+        # thread_count + 8 rows are in flight or waiting, so memory stays under that many bodies.
+        with ThreadPoolExecutor(cfg.thread_count, thread_name_prefix="fetch") as pool:
+            for index, fetched in _as_completed(pool, fetch_row, len(records), cfg.thread_count + 8):
+                meta, image = _row_outcome(fetched, encoding)
+                meta = {**records[index], "key": compute_key(index, shard_id, key_digits, OOM_SHARD_COUNT),
+                        **meta}
+                counts[meta["status"]] += 1
+                messages.increment(meta["error_message"] or "success")
+                writer.write(image, meta["key"], meta["caption"], meta)
+        writer.close()
+        write_stats(folder, shard_id, len(records), counts["success"], counts["failed_to_download"],
+                    counts["failed_to_resize"], started, time.time(), messages, OOM_SHARD_COUNT)
+
+
+def _row_outcome(fetched: FetchResult, encoding: EncodeSettings) -> tuple[dict, bytes | None]:
+    """img2dataset's per-row columns (and ours) for one fetch, and the image to store if any."""
+    meta = {"status": "failed_to_download", "error_message": fetched.error_message, "width": None,
+            "height": None, "original_width": None, "original_height": None, "sha256": None,
+            "final_url": fetched.final_url, "redirects": fetched.redirects, "attempts": fetched.attempts}
+    if fetched.body is None:
+        return meta, None
+    try:
+        encoded = encode_for_training(fetched.body, encoding)
+    except ImageRefused as refused:
+        meta.update(status="failed_to_resize", error_message=str(refused))
+        return meta, None
+    meta.update(status="success", width=encoded.width, height=encoded.height,
+                original_width=encoded.original_width, original_height=encoded.original_height,
+                sha256=hashlib.sha256(fetched.body).hexdigest())
+    return meta, encoded.data
+
+
+def _as_completed(pool: ThreadPoolExecutor, function, count: int, in_flight: int):
+    """`function(i)` for i in range(count) on the pool, yielded as they complete, with at most
+    `in_flight` submitted and not yet yielded (the caller consumes before more are submitted)."""
+    pending: set = set()
+    submitted = 0
+    while submitted < count or pending:
+        while submitted < count and len(pending) < in_flight:
+            pending.add(pool.submit(function, submitted))
+            submitted += 1
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            yield future.result()
+
 
 def download_decisions(table: pa.Table) -> pa.Table:
-    """img2dataset's parquet with `drop_reason`/`drop_kind` columns (for decisions and the report)."""
+    """The download parquet with `drop_reason`/`drop_kind` columns (for decisions and the report)."""
     pairs = [classify_outcome(s, e) for s, e in zip(table["status"].to_pylist(),
                                                       table["error_message"].to_pylist())]
     table = table.append_column(DROP_REASON, pa.array([p[1] for p in pairs], pa.string()))
     return table.append_column(DROP_KIND, pa.array([p[0] for p in pairs], pa.string()))
+

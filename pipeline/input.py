@@ -20,6 +20,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from filters.url import url_reason
+from filters.web.address import AddressPolicy
 from pipeline.config import RunConfig
 from pipeline.stage import shard_name
 from pipeline.stats import StageStats
@@ -36,6 +37,7 @@ RESERVED_COLUMNS = {
     "original_width", "original_height", "exif", "md5", "sha256", "sha512", "phash",
     "unsafe_score", "duplicate_of", "cluster_id", "cluster_size", "caption_bt_de",
     "caption_bt_ru", "drop_reason", "drop_kind", "tar_offset", "tar_size", "image",
+    "final_url", "redirects", "attempts",
 }
 REASON_CODES = ["", "empty_url", "malformed_url", "unsupported_scheme", "blocked_address",
                 "duplicate_row"]
@@ -136,8 +138,11 @@ def _row_hashes(table: pa.Table) -> np.ndarray:
     return np.stack([first, second], axis=1)
 
 
-def prepare_input(config: RunConfig, storage: Storage) -> tuple[list[str], StageStats]:
-    """Write `input/NNNNN.parquet` shards and `input/rejected/*.parquet`; resumable as a whole."""
+def prepare_input(config: RunConfig, storage: Storage,
+                  policy: AddressPolicy | None = None) -> tuple[list[str], StageStats]:
+    """Write `input/NNNNN.parquet` shards and `input/rejected/*.parquet`; resumable as a whole.
+    `policy`: the download's address policy, so a URL whose host is an address it refuses is
+    refused here already (the download checks again at connect time)."""
     if storage.exists(f"{STAGE}/.done"):
         stats = StageStats.from_dict(storage.read_json(f"{STAGE}/stats.json"))
         return storage.read_json(f"{STAGE}/shards.json"), stats
@@ -147,7 +152,7 @@ def prepare_input(config: RunConfig, storage: Storage) -> tuple[list[str], Stage
     # Pass 1: a reason code per row, and the first row of every (url, caption) pair.
     codes, hashes = [], []
     for _, table in iter_input(config):
-        reasons = [url_reason(u, config.allow_private_networks) for u in table["url"].to_pylist()]
+        reasons = [url_reason(u, policy) for u in table["url"].to_pylist()]
         codes.append(np.array([_CODE[r or ""] for r in reasons], dtype=np.uint8))
         hashes.append(_row_hashes(table))
     code = np.concatenate(codes) if codes else np.zeros(0, np.uint8)

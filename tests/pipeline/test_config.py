@@ -17,7 +17,7 @@ def test_shipped_configs_load(name: str) -> None:
 def test_cluster_example_is_cluster_shaped() -> None:
     config = load_config(CONFIGS / "cluster-example.yaml")
     assert config.run.output.startswith("s3://")
-    assert config.run.allow_private_networks is False
+    assert config.download.allow_networks == []  # public addresses only
     assert config.run.ray_address == "auto"
     # Its ~147M rows are past the in-driver search, so the example sizes the shuffle's waves.
     assert config.dedup.single_machine_max_rows < 147_000_000 and config.dedup.tables_per_shuffle

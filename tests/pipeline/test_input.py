@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from filters.web.address import AddressPolicy
 from pipeline.config import config_from_dict
 from pipeline.input import InputError, prepare_input
 from pipeline.storage import Storage
@@ -38,11 +39,11 @@ def _write(tmp_path: Path, fmt: str, rows=ROWS, url="url", caption="caption") ->
     return path
 
 
-def _run(tmp_path: Path, input_path: Path, **run):
+def _run(tmp_path: Path, input_path: Path, policy: AddressPolicy | None = None, **run):
     config = config_from_dict({"run": {"input": str(input_path), "output": str(tmp_path / "out"),
                                        "shard_size": 2, **run}})
     storage = Storage(config.run.output)
-    shards, stats = prepare_input(config.run, storage)
+    shards, stats = prepare_input(config.run, storage, policy)
     return storage, shards, stats
 
 
@@ -73,8 +74,8 @@ def test_custom_column_names_and_reserved_extra(tmp_path: Path) -> None:
     assert {"url", "caption", "source_status"} <= set(table.column_names)
 
 
-def test_private_networks_allowed(tmp_path: Path) -> None:
-    _, _, stats = _run(tmp_path, _write(tmp_path, "csv"), allow_private_networks=True)
+def test_allowed_network_passes_the_early_check(tmp_path: Path) -> None:
+    _, _, stats = _run(tmp_path, _write(tmp_path, "csv"), AddressPolicy.from_strings(["10.0.0.0/8"]))
     assert "blocked_address" not in stats.dropped
 
 
