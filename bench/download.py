@@ -9,7 +9,9 @@ threads per worker and one worker per core (Ray runs one download actor per CPU;
 `processes_count` = cores, multiprocessing).
 
 "Ours" is what `filip build` runs: the input stage (`prepare_input`) then `DownloadStage` through the
-Ray adapter (`run_stage`) on a local Ray. Its images/s is over the download stage's wall clock;
+Ray adapter (`run_stage`) on a local Ray, with the address guard on (`allow_networks:
+[127.0.0.1/32]`, every connection checked) and the stage's default bounds (deadline, body and
+pixel caps). Its images/s is over the download stage's wall clock;
 the input stage and Ray's start are timed apart. "img2dataset" is the wall clock of the CLI run as
 a subprocess (start-up and its own reading of the URL list included). Ray is shut down while
 img2dataset runs, so neither competes with the other's idle processes. `span_seconds` (both) is
@@ -41,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from filters.web.address import AddressPolicy
 from pipeline import testweb
 from pipeline.config import config_from_dict
 from pipeline.download import DownloadStage
@@ -48,7 +51,7 @@ from pipeline.input import prepare_input
 from pipeline.ray_adapter import init_ray, run_stage
 from pipeline.storage import Storage
 
-DATA = Path("/work/shared/data/flickr8k-1k")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
 DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
 
@@ -87,7 +90,7 @@ def run_ours(url_list: Path, work: Path, settings: dict) -> dict:
     storage = Storage(output)
     storage.makedirs("")
     start = time.perf_counter()
-    shards, _ = prepare_input(config.run, storage)
+    shards, _ = prepare_input(config.run, storage, AddressPolicy.from_strings(config.download.allow_networks))
     input_seconds = time.perf_counter() - start
     start = time.perf_counter()
     init_ray(num_cpus=settings["cpus"])

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         web.mkdir()
         photos = sorted((args.data / "images").iterdir())[: args.normal]
         for photo in photos:
-            (web / photo.name).symlink_to(photo.resolve())
+            shutil.copy(photo, web / photo.name)
         (web / "bomb.png").write_bytes(png_declaring(20000, 20000))
         queue = multiprocessing.get_context("spawn").Queue()
         server = multiprocessing.get_context("spawn").Process(target=_serve, args=(str(web), queue), daemon=True)
