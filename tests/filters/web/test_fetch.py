@@ -194,3 +194,41 @@ def test_retry_after_beyond_the_cap_ends_the_download(web) -> None:
     result = fetch_with_retries(base + path, FetchSettings(policy=ALLOWED), 2, 10)
     assert (result.reason, result.attempts, result.retry_after) == ("http_503", 1, 3600.0)
     assert len(_asked(requests, path)) == 1
+
+
+def test_https_certificate_is_verified(tmp_path) -> None:
+    """A self-signed server: the TLS handshake fails as `tls_error`, nothing is read."""
+    import shutil
+    import ssl
+    import subprocess
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found to make a certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-days", "1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True)
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"image")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        result = fetch(f"https://127.0.0.1:{server.server_address[1]}/a.jpg",
+                       FetchSettings(policy=ALLOWED, timeout=3, deadline=5))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.reason == "tls_error" and "CERTIFICATE_VERIFY_FAILED" in result.detail
