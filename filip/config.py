@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from filip.model import ModelConfig
+from pipeline.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that does not match the schema."""
 
 

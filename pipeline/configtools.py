@@ -14,10 +14,12 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from pipeline.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be used: the message names the file and the key."""
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from filters.url import url_reason
 from filters.web.address import AddressPolicy
 from pipeline.config import RunConfig
+from pipeline.errors import UserError
 from pipeline.stage import shard_name
 from pipeline.stats import StageStats
 from pipeline.storage import Storage
@@ -44,7 +45,7 @@ REASON_CODES = ["", "empty_url", "malformed_url", "unsupported_scheme", "blocked
 _CODE = {reason: i for i, reason in enumerate(REASON_CODES)}
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The URL list cannot be used: the message names the file and what is wrong."""
 
 
