@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.errors import UserError
+
 if TYPE_CHECKING:  # torch is imported where used, so `filip --help` stays fast
     import torch
+    from PIL import Image
 
 
 GRID_COLOUR = (255, 255, 255)
@@ -172,6 +175,21 @@ def _with_legend(panel, tokens: list[str], colours: list[tuple[int, int, int]], 
     return figure
 
 
+def read_image(path: Path) -> Image.Image:
+    """The image at `path` as RGB; a file PIL cannot decode is the user's error, named."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image (PIL cannot identify its format)") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # the command line reports these as `path: reason`
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt: PIL raises these
+        raise UserError(f"{path}: the image cannot be decoded ({' '.join(str(err).split())[:120]})") from None
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `filip align`."""
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by `filip train`")
@@ -186,13 +204,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """Runs `filip align`; returns the exit code."""
-    from PIL import Image
-
     from filip.checkpoint import load_for_inference
 
+    image = read_image(args.image)  # before the checkpoint: a wrong image path costs no model load
     bundle = load_for_inference(args.checkpoint, device=args.device)
-    with Image.open(args.image) as opened:
-        image = opened.convert("RGB")
     alignment = compute_alignment(bundle, image, args.text, args.device)
     input_size = tuple(bundle.image_transform(image).shape[-2:])
     figure = render_alignment(image, alignment, args.text, args.cell_px, input_size)

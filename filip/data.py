@@ -21,9 +21,28 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from filip.model import IMAGE_MEAN, IMAGE_STD
 from filip.tokenizer import FilipTokenizer
+from pipeline.errors import UserError
 
 BACK_TRANSLATION_KEYS = ("caption_bt_de", "caption_bt_ru")
+# A resampled stream never runs out of shards, so unreadable shards would be retried forever: a
+# worker stops after opening this many shards in a row without one image sample. Far above what
+# a few bad shards in a good corpus reach (even half bad: odds 2**-32 per shard).
+MAX_SHARDS_WITHOUT_SAMPLE = 32
+# Likewise for shards that read but hold only images that do not decode.
+MAX_UNDECODABLE_IN_A_ROW = 10_000
 logger = logging.getLogger(__name__)
+
+
+class ShardReadError(UserError):
+    """The shards yield no usable sample: unreadable, not WebDataset tars, or no decodable image."""
+
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it is rebuilt in the main process with the worker's whole
+        # traceback as its message; keep our own last line so the CLI still prints one line.
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 def eval_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
@@ -90,6 +109,35 @@ def _mix(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
+def _one_line(text: object, limit: int = 200) -> str:
+    """Untrusted text (tar member names, library errors) made fit for a one-line error."""
+    return " ".join(str(text).split())[:limit]
+
+
+class _ShardTries:
+    """Shards opened since the last image sample, and the last read error, of one worker."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.without_sample = limit, 0
+        self.last_shard, self.last_error = "", "none"
+
+    def handler(self, error: Exception) -> bool:
+        """webdataset's error handler: remember the error, log it, go on with the next shard."""
+        # webdataset appends the url and stream to the args; the first one is the reason.
+        self.last_error = f"{type(error).__name__}: {_one_line(error.args[0] if error.args else '')}"
+        logger.warning("skipping unreadable shard data in %s: %s", self.last_shard, self.last_error)
+        return True
+
+    def next_shard(self, shard: str) -> None:
+        if self.without_sample >= self.limit:
+            raise ShardReadError(
+                f"no sample could be read from {self.limit} shards in a row under "
+                f"{Path(shard).parent} (last {self.last_shard}: {self.last_error}); "
+                f"are they the pipeline's WebDataset .tar shards?")
+        self.without_sample += 1
+        self.last_shard = shard
+
+
 class ShardDataset(IterableDataset):
     """Batches of (images, token ids, mask) streamed from tar shards, split by rank and worker.
 
@@ -103,7 +151,8 @@ class ShardDataset(IterableDataset):
                  image_transform: Callable[[Any], torch.Tensor], *, seed: int = 0, epoch: int = 0,
                  resampled: bool = False, shuffle_buffer: int = 1000, rank: int = 0,
                  world_size: int = 1, resume: dict[int, tuple[int, int]] | None = None,
-                 worker_offset: int = 0) -> None:
+                 worker_offset: int = 0, max_shards_without_sample: int = MAX_SHARDS_WITHOUT_SAMPLE,
+                 max_undecodable_in_a_row: int = MAX_UNDECODABLE_IN_A_ROW) -> None:
         super().__init__()
         self.shards, self.tokenizer, self.batch_size = list(shards), tokenizer, batch_size
         self.image_transform = image_transform
@@ -112,6 +161,8 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.resume = {int(k): (int(v[0]), int(v[1])) for k, v in (resume or {}).items()}
         self.worker_offset = worker_offset
+        self.max_shards_without_sample = max_shards_without_sample
+        self.max_undecodable_in_a_row = max_undecodable_in_a_row
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -136,13 +187,21 @@ class ShardDataset(IterableDataset):
     def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
-        urls = ({"url": url} for url in self._my_shards(worker, num_workers))
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(urls)
+        tries = _ShardTries(self.max_shards_without_sample)
+
+        def urls() -> Iterator[dict[str, str]]:
+            for url in self._my_shards(worker, num_workers):
+                tries.next_shard(url)  # raises once too many shards in a row gave nothing
+                yield {"url": url}
+
+        samples = wds.tarfile_to_samples(handler=tries.handler)(urls())
         rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 3))
         buffer: list[dict[str, Any]] = []
         for sample in samples:
             if "jpg" not in sample:
                 continue
+            # Counted here, before the shuffle buffer, which may hold many shards' worth.
+            tries.without_sample = 0
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)
                 continue
@@ -160,6 +219,7 @@ class ShardDataset(IterableDataset):
         images: list[torch.Tensor] = []
         captions: list[str] = []
         keys: list[str] = []
+        undecodable = 0
         for position, sample in enumerate(self._raw_samples(worker, num_workers)):
             if position < skip:
                 continue  # consumed before the resume: not even decoded
@@ -175,7 +235,14 @@ class ShardDataset(IterableDataset):
                 keys.append(str(sample.get("__key__")))
             except Exception as error:  # a bad sample must not stop a long run
                 logger.warning("skipping sample %s: %s", sample.get("__key__"), error)
+                undecodable += 1
+                if undecodable >= self.max_undecodable_in_a_row:  # ... but a stream of them must
+                    raise ShardReadError(
+                        f"{undecodable} samples in a row did not decode, the last "
+                        f"{_one_line(sample.get('__key__'), 100)} in {sample.get('__url__')}: "
+                        f"{type(error).__name__}: {_one_line(error)}") from None
                 continue
+            undecodable = 0
             if len(images) == self.batch_size:
                 ids, mask = self.tokenizer(captions)
                 yield {"images": torch.stack(images), "ids": ids, "mask": mask, "keys": keys,

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Column titles of the Markdown tables, in display order; other keys follow in their own order.
@@ -75,7 +77,7 @@ def _seed_everything(seed: int) -> None:
 
 def _pair(primary: list[Path], secondary: list[Path], flag: str) -> list[tuple[Path, Path | None]]:
     if secondary and len(secondary) != len(primary):
-        raise ValueError(f"{flag} must be given once per dataset ({len(primary)}), got {len(secondary)}")
+        raise UserError(f"{flag} must be given once per dataset ({len(primary)}), got {len(secondary)}")
     return list(zip(primary, secondary or [None] * len(primary)))
 
 
@@ -164,7 +166,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from filip.checkpoint import load_for_inference
 
     if not (args.zeroshot or args.retrieval or args.linear_probe or args.localisation):
-        print("filip eval: nothing to do; give --zeroshot, --retrieval, --linear-probe or "
+        print("error: filip eval: nothing to do; give --zeroshot, --retrieval, --linear-probe or "
               "--localisation", file=sys.stderr)
         return 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

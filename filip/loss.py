@@ -8,6 +8,8 @@ gradients are plain matrix products.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
@@ -16,6 +18,36 @@ from torch import nn
 
 # Elements of one [chunk, P, Bt, L] similarity block when chunk_size is None (256 MiB in bf16).
 AUTO_CHUNK_ELEMENTS = 128 * 1024 * 1024
+
+logger = logging.getLogger(__name__)
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """The interaction runs in its inputs' dtype: an outer autocast (the trainer's bf16) would
+    otherwise recast its matrix products and make the configured gather dtype meaningless."""
+    return torch.autocast(device.type, enabled=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_works(dtype: torch.dtype, device_type: str) -> bool:
+    """Probed once per dtype and device type (cached), so the fallback warns once."""
+    try:
+        with torch.autocast(device_type, enabled=False):
+            ones = torch.ones(2, 2, dtype=dtype, device=device_type)
+            ones @ ones
+        return True
+    except RuntimeError:
+        logger.warning("no %s matrix product on %s: the FILIP loss falls back to float32",
+                       dtype, device_type)
+        return False
+
+
+def interaction_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """`dtype`, or float32 where this device's torch build has no matrix product in it (CPU
+    builds of older torch versions lack float16 ones); None keeps the features' own dtype."""
+    if dtype is None or _matmul_works(dtype, device.type):
+        return dtype
+    return torch.float32
 
 
 def _augment(img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor
@@ -47,6 +79,12 @@ class LateInteraction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with _no_autocast(img.device):
+            return LateInteraction._forward(ctx, img, txt, txt_mask, chunk_size)
+
+    @staticmethod
+    def _forward(ctx: Any, img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         bi, p, d = img.shape
         bt, l, _ = txt.shape
         img_aug, txt_aug = _augment(img, txt, txt_mask)
@@ -81,6 +119,13 @@ class LateInteraction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_i2t: torch.Tensor | None, grad_t2i: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        # The backward may run under whatever autocast state the caller of .backward() had.
+        with _no_autocast(grad_i2t.device if grad_i2t is not None else grad_t2i.device):
+            return LateInteraction._backward(ctx, grad_i2t, grad_t2i)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_i2t: torch.Tensor | None, grad_t2i: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         img_aug, txt_aug, mean_weight, best_word, best_patch = ctx.saved_tensors
         p, d = ctx.dims
         bi = img_aug.shape[0]
@@ -123,7 +168,8 @@ def late_interaction_scores(img_tokens: torch.Tensor, txt_tokens: torch.Tensor,
     i2t[i, j] = mean over patches p of max over valid words l of <img[i, p], txt[j, l]>;
     t2i[i, j] = mean over valid words l of max over patches p of the same. Padding (mask False)
     never wins a max and never enters a mean. Every text needs at least one valid token.
-    `chunk_size` images are scored at a time (None: sized to a fixed memory budget).
+    `chunk_size` images are scored at a time (None: sized to a fixed memory budget). The matrix
+    products run in the inputs' dtype (the wider of the two) even under autocast.
     """
     if img_tokens.dtype != txt_tokens.dtype:
         common = torch.promote_types(img_tokens.dtype, txt_tokens.dtype)
@@ -212,77 +258,111 @@ class ClipLoss(nn.Module):
         return _symmetric_ce(logits_i2t.float(), logits_t2i.float(), self.rank * image_pooled.shape[0])
 
 
-def select_tokens(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
-                  keep_ratio: float, chunk_size: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep each sample's tokens with the highest max-similarity within the local batch.
+def keep_count(n: int, ratio: float) -> int:
+    """Tokens kept out of `n` positions (the padded width for text, so every rank gathers the
+    same shape): round(n * ratio), at least 1; ratio 1 keeps all."""
+    return n if ratio >= 1.0 else max(1, round(n * ratio))
 
-    As the paper does before the all-gather, to cut communication: a patch is ranked by its best
-    similarity to any valid word of any local text, a word by its best similarity to any local
-    patch. Indices are chosen without gradient; gathering by them keeps the features' gradient.
+
+def _token_scores(img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
+                  chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's best similarity to any real word of the group's texts, each word's best
+    similarity to any patch of the group's images; padding scores the lowest float32."""
+    b, p, d = img.shape
+    l = txt.shape[1]
+    neg = torch.finfo(torch.float32).min
+    txt_flat = (txt * txt_mask.unsqueeze(-1).to(txt.dtype)).reshape(b * l, d)
+    valid_cols = txt_mask.reshape(b * l)
+    chunk = chunk_size or _auto_chunk(b, p, l)
+    patch_score = torch.empty(b, p, device=img.device)
+    word_score = torch.full((b * l,), neg, device=img.device)
+    for start in range(0, b, chunk):
+        sim = (img[start:start + chunk].reshape(-1, d) @ txt_flat.T).float()
+        patch_score[start:start + chunk] = sim.masked_fill(~valid_cols, neg).amax(dim=1).view(-1, p)
+        word_score = torch.maximum(word_score, sim.amax(dim=0))
+    return patch_score, word_score.view(b, l).masked_fill(~txt_mask, neg)
+
+
+def select_tokens(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                  image_keep_ratio: float, text_keep_ratio: float, group_size: int | None = None,
+                  chunk_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each sample's tokens with the highest max-similarity within its group of samples.
+
+    The paper's rule, applied before the all-gather to cut communication: a patch is ranked by
+    its best similarity to any real word of the group's texts, a word by its best similarity to
+    any of the group's patches. A group is `group_size` consecutive local samples (None: the
+    whole local batch, the paper's "local worker"); a fixed group size makes the selection the
+    same however the global batch is split over processes. Text keeps the best
+    round(L * text_keep_ratio) positions by score, never by position, and padding ranks below
+    every real token (a selected padding position stays masked). Indices are chosen without
+    gradient and in the inputs' dtype; gathering by them keeps the features' gradient.
     Returns (image tokens [B, kp, D], text tokens [B, kl, D], text mask [B, kl]).
     """
     b, p, d = img_tokens.shape
     l = txt_tokens.shape[1]
-    keep_p = max(1, round(p * keep_ratio))
-    keep_l = max(1, round(l * keep_ratio))
-    with torch.no_grad():
-        img = img_tokens.detach()
-        txt = (txt_tokens.detach() * txt_mask.unsqueeze(-1).to(txt_tokens.dtype))
-        # [B*P, B*L] similarities, chunked over images; padding cannot win (-inf).
-        neg = torch.finfo(torch.float32).min
-        txt_flat = txt.reshape(b * l, d)
-        valid_cols = txt_mask.reshape(b * l)
-        chunk = chunk_size or _auto_chunk(b, p, l)
-        patch_score = torch.empty(b, p, device=img.device)
-        word_score = torch.full((b * l,), neg, device=img.device)
-        for start in range(0, b, chunk):
-            sim = (img[start:start + chunk].reshape(-1, d) @ txt_flat.T).float()
-            patch_score[start:start + chunk] = (
-                sim.masked_fill(~valid_cols, neg).amax(dim=1).view(-1, p))
-            word_score = torch.maximum(word_score, sim.amax(dim=0))
-        word_score = word_score.view(b, l).masked_fill(~txt_mask, neg)
-        patch_idx = patch_score.topk(keep_p, dim=1).indices
-        word_idx = word_score.topk(keep_l, dim=1).indices
-    img_sel = img_tokens.gather(1, patch_idx.unsqueeze(-1).expand(b, keep_p, d))
-    txt_sel = txt_tokens.gather(1, word_idx.unsqueeze(-1).expand(b, keep_l, d))
-    mask_sel = txt_mask.gather(1, word_idx)
-    return img_sel, txt_sel, mask_sel
+    keep_p, keep_l = keep_count(p, image_keep_ratio), keep_count(l, text_keep_ratio)
+    group = group_size or b
+    with torch.no_grad(), _no_autocast(img_tokens.device):
+        scores = [_token_scores(img_tokens[s:s + group].detach(), txt_tokens[s:s + group].detach(),
+                                txt_mask[s:s + group], chunk_size) for s in range(0, b, group)]
+        patch_idx = torch.cat([s[0] for s in scores]).topk(keep_p, dim=1).indices
+        word_idx = torch.cat([s[1] for s in scores]).topk(keep_l, dim=1).indices
+    if keep_p < p:
+        img_tokens = img_tokens.gather(1, patch_idx.unsqueeze(-1).expand(b, keep_p, d))
+    if keep_l < l:
+        txt_tokens = txt_tokens.gather(1, word_idx.unsqueeze(-1).expand(b, keep_l, d))
+        txt_mask = txt_mask.gather(1, word_idx)
+    return img_tokens, txt_tokens, txt_mask
 
 
 class FilipLoss(nn.Module):
     """Symmetric InfoNCE over FILIP late-interaction similarities.
 
-    Distributed: token features (optionally reduced by `select_tokens`, `token_keep_ratio` < 1)
-    are cast to `gather_dtype` and gathered with gradient along with the text masks; each rank
-    scores its local images against all texts and all images against its local texts.
+    Token features are cast to `gather_dtype` (default float16, as the paper gathered them; float32
+    on a device whose torch build has no float16 matrix product) and the whole interaction runs
+    in that dtype whatever the caller's autocast, so float32 means float32. Token selection
+    (`select_tokens`) keeps `image_keep_ratio` of the patches and `text_keep_ratio` of the text
+    positions (each defaulting to `token_keep_ratio`; 1 keeps all), with one process as with
+    many, scored within groups of `select_group_size` local samples (None: the local batch; fix
+    it to make the result independent of how a global batch is split over processes).
+    Distributed: the selected tokens are gathered with
+    gradient along with the text masks; each rank scores its local images against all texts and
+    all images against its local texts.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, chunk_size: int | None = None,
-                 token_keep_ratio: float = 0.25, gather_dtype: torch.dtype | None = torch.bfloat16,
-                 gather_with_grad: bool = True) -> None:
+                 token_keep_ratio: float = 0.25, gather_dtype: torch.dtype | None = torch.float16,
+                 gather_with_grad: bool = True, image_keep_ratio: float | None = None,
+                 text_keep_ratio: float | None = None, select_group_size: int | None = None
+                 ) -> None:
         super().__init__()
-        if not 0.0 < token_keep_ratio <= 1.0:
-            raise ValueError(f"token_keep_ratio must be in (0, 1], got {token_keep_ratio}")
+        self.image_keep_ratio = token_keep_ratio if image_keep_ratio is None else image_keep_ratio
+        self.text_keep_ratio = token_keep_ratio if text_keep_ratio is None else text_keep_ratio
+        for name in ("image_keep_ratio", "text_keep_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if select_group_size is not None and select_group_size < 1:
+            raise ValueError(f"select_group_size must be >= 1, got {select_group_size}")
         self.rank, self.world_size = rank, world_size
         self.chunk_size = chunk_size
-        self.token_keep_ratio = token_keep_ratio
         self.gather_dtype = gather_dtype
         self.gather_with_grad = gather_with_grad
+        self.select_group_size = select_group_size
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 logit_scale: torch.Tensor, **_: Any) -> torch.Tensor:
         text_mask = text_mask.bool()
-        if self.gather_dtype is not None:
-            # 16-bit halves both the all-gather and the similarity pass (the paper used fp16).
-            image_tokens = image_tokens.to(self.gather_dtype)
-            text_tokens = text_tokens.to(self.gather_dtype)
+        dtype = interaction_dtype(self.gather_dtype, image_tokens.device)
+        if dtype is not None:
+            image_tokens, text_tokens = image_tokens.to(dtype), text_tokens.to(dtype)
+        if self.image_keep_ratio < 1.0 or self.text_keep_ratio < 1.0:
+            image_tokens, text_tokens, text_mask = select_tokens(
+                image_tokens, text_tokens, text_mask, self.image_keep_ratio, self.text_keep_ratio,
+                self.select_group_size, self.chunk_size)
         if self.world_size == 1:
             i2t, t2i = late_interaction_scores(image_tokens, text_tokens, text_mask, self.chunk_size)
             return _symmetric_ce(logit_scale * i2t, logit_scale * t2i.T, 0)
-        if self.token_keep_ratio < 1.0:
-            image_tokens, text_tokens, text_mask = select_tokens(
-                image_tokens, text_tokens, text_mask, self.token_keep_ratio, self.chunk_size)
         all_img = gather_features(image_tokens, self.world_size, self.gather_with_grad)
         all_txt = gather_features(text_tokens, self.world_size, self.gather_with_grad)
         all_mask = gather_features(text_mask.to(torch.uint8), self.world_size, False).bool()

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.configtools import ranged
+
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -22,22 +24,26 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 class ModelConfig:
     """Sizes of both towers. `preset()` gives the paper's sizes; any field can be overridden."""
 
-    embed_dim: int = 256
-    image_size: int = 224
-    patch_size: int = 32
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_heads: int = 12
-    vocab_size: int = 32000
-    context_length: int = 77
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    mlp_ratio: float = 4.0
+    # Ranges: checked when a train config is loaded (filip/config.py, which also checks that the
+    # heads divide the widths and the patch the image); the same bounds as a checkpoint's
+    # (filip/checkpoint.py SIZE_LIMITS), so a config that loads gives a checkpoint that loads.
+    embed_dim: int = ranged(256, "[1, 16384]")
+    image_size: int = ranged(224, "[1, 8192]")
+    patch_size: int = ranged(32, "[1, 8192]")
+    vision_width: int = ranged(768, "[1, 16384]")
+    vision_layers: int = ranged(12, "[1, 256]")
+    vision_heads: int = ranged(12, "[1, 1024]")
+    vocab_size: int = ranged(32000, "[4, 4000000]")
+    context_length: int = ranged(77, "[3, 16384]")  # start and end tokens and one more
+    text_width: int = ranged(512, "[1, 16384]")
+    text_layers: int = ranged(12, "[1, 256]")
+    text_heads: int = ranged(8, "[1, 1024]")
+    mlp_ratio: float = ranged(4.0, "(0, 64]")
     # Whether the text start/end tokens take part in late interaction (padding never does).
     count_special_tokens: bool = False
     grad_checkpointing: bool = False
-    init_logit_scale: float = math.log(1 / 0.07)
+    # The log of the initial logit scale; the scale itself is clamped at 100 = exp(4.605...).
+    init_logit_scale: float = ranged(math.log(1 / 0.07), "[0, 4.6052]")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":

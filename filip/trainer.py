@@ -21,15 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from filip.checkpoint import (capture_rng_state, checkpoint_name, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, restore_rng_state, save_checkpoint)
-from filip.config import TrainConfig, load_config, save_config
+from filip.checkpoint import (capture_rng_state, check_optimizer_state, checkpoint_name, checkpoint_part,
+                              latest_checkpoint, list_checkpoints, load_for_resume, restore_rng_state,
+                              save_checkpoint)
+from filip.config import ConfigError, TrainConfig, load_config, save_config
 from filip.distributed import DistributedContext, all_gather_objects, barrier, init_distributed, shutdown
 from filip.model import FilipModel, ModelConfig
 from filip.tokenizer import DEFAULT_NAME, FilipTokenizer
 
 logger = logging.getLogger("filip.trainer")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parameter_groups(model: FilipModel, weight_decay: float) -> list[dict[str, Any]]:
@@ -69,7 +70,8 @@ def build_loss(cfg: TrainConfig, ctx: DistributedContext) -> nn.Module:
     if cfg.loss.kind == "clip":
         return ClipLoss(rank=ctx.rank, world_size=ctx.world_size)
     return FilipLoss(rank=ctx.rank, world_size=ctx.world_size, chunk_size=cfg.loss.chunk_size,
-                     token_keep_ratio=cfg.loss.token_keep_ratio,
+                     token_keep_ratio=cfg.loss.token_keep_ratio, image_keep_ratio=cfg.loss.image_keep_ratio,
+                     text_keep_ratio=cfg.loss.text_keep_ratio, select_group_size=cfg.loss.select_group_size,
                      gather_dtype=DTYPES[cfg.loss.gather_dtype])
 
 
@@ -155,19 +157,24 @@ class Trainer:
         if path is None:
             logger.info("--resume latest: no checkpoint in %s, starting fresh", self.out_dir)
             return
-        state = load_checkpoint(path, map_location="cpu")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # Checked against this run's model before anything is loaded into it.
+        state = load_for_resume(path, self.model, self.model_cfg)
+        with checkpoint_part(path, "optimizer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            check_optimizer_state(self.optimizer, path)
+        with checkpoint_part(path, "scheduler state"):
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        ranks = state["data_state"].get("ranks", [])
-        if state["data_state"].get("world_size") == self.ctx.world_size:
-            self.position = DataPosition.from_dict(ranks[self.ctx.rank])
-        else:
-            # A different world size reshards the data: restart the stream at the saved epoch.
-            logger.warning("world size changed since %s: data position restarts", path)
-            self.position = DataPosition(epoch=int(ranks[0]["epoch"]) + 1 if ranks else 0)
-        restore_rng_state(state["rng"])
+        with checkpoint_part(path, "data position"):
+            ranks = state["data_state"].get("ranks", [])
+            if state["data_state"].get("world_size") == self.ctx.world_size:
+                self.position = DataPosition.from_dict(ranks[self.ctx.rank])
+            else:
+                # A different world size reshards the data: restart the stream at the saved epoch.
+                logger.warning("world size changed since %s: data position restarts", path)
+                self.position = DataPosition(epoch=int(ranks[0]["epoch"]) + 1 if ranks else 0)
+        with checkpoint_part(path, "RNG state"):
+            restore_rng_state(state["rng"])
         if self.ctx.is_main:
             self._drop_metrics_after(self.step)
             logger.info("resumed from %s at step %d", path, self.step)
@@ -192,7 +199,7 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def batches(self) -> Any:
         """Endless batches; a new epoch (new shard order) starts when the shards run out."""
-        from filip.data import ShardDataset, make_loader, train_transform
+        from filip.data import ShardDataset, ShardReadError, make_loader, train_transform
 
         d = self.cfg.data
         transform = train_transform(self.model_cfg.image_size, d.crop_scale_min, d.auto_augment)
@@ -203,11 +210,17 @@ class Trainer:
                 rank=self.ctx.rank, world_size=self.ctx.world_size, resume=self.position.workers,
                 worker_offset=self.position.next_worker)
             got_any = False
-            for batch in make_loader(dataset, d.num_workers):
-                got_any = True
-                yield batch
+            shards_text = f"data.shards {str(d.shards)[:200]!r}"
+            try:
+                for batch in make_loader(dataset, d.num_workers):
+                    got_any = True
+                    yield batch
+            except ShardReadError as error:  # a worker gave up on unreadable shards
+                raise ShardReadError(f"{shards_text}: {error}") from None
             if not got_any and not self.position.workers:
-                raise RuntimeError(f"rank {self.ctx.rank} got no batch from {len(self.shards)} shards")
+                raise ShardReadError(
+                    f"{shards_text}: rank {self.ctx.rank} read no batch of {d.batch_size} samples "
+                    f"from its share of the {len(self.shards)} shards (unreadable, or too few)")
             self.position = DataPosition(epoch=self.position.epoch + 1)
 
     def record(self, batch: dict[str, Any]) -> None:
@@ -329,9 +342,14 @@ def cli_main(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        if not sep or not all(part.isidentifier() for part in key.split(".")):
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted KEY (run.max_steps=100), "
+                              f"got {item[:80]!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: the value is not YAML "
+                              f"({' '.join(str(err).split())[:120]})") from None
     cfg = load_config(args.config, overrides)
     train(cfg, resume=args.resume, stop_after=args.stop_after)
     return 0

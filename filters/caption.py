@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from filters.base import (CAPTION_BLOCKLISTED, CAPTION_EMPTY, CAPTION_FILENAME_OR_URL,
                           CAPTION_NOT_TEXT, CAPTION_TOO_LONG, CAPTION_TOO_SHORT)
+from pipeline.configtools import ranged
 
 # A short default; deployments pass their own list through the config.
 DEFAULT_BLOCKLIST = ["porn", "porno", "xxx", "nsfw", "nude", "nudes", "naked", "sex", "hentai", "milf"]
@@ -33,9 +34,9 @@ def normalize_caption(text: str | None) -> str:
 class CaptionFilterConfig:
     """Caption limits; ``min_alpha_ratio`` is the share of letters among non-space characters."""
 
-    min_words: int = 2
-    max_chars: int = 1000
-    min_alpha_ratio: float = 0.5
+    min_words: int = ranged(2, "[0, inf)")
+    max_chars: int = ranged(1000, "[1, inf)")
+    min_alpha_ratio: float = ranged(0.5, "[0, 1]")
     blocklist: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKLIST))
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from filters.base import DUPLICATE_CAPTION_AND_IMAGE, EXACT_DUPLICATE, NEAR_DUPLICATE
+from pipeline.configtools import ranged
 
 # Relative cost of one candidate pair against one table record, as measured for the compiled
 # table search (filters/dedup_kernel.py, bench/dedup_scale.py: ~18 ns a record, ~20 ns a pair in
@@ -49,9 +50,9 @@ class DedupConfig:
     ``tables``: upper bound on the number of tables (None: chosen from the cost model).
     """
 
-    hamming_threshold: int = 6
-    bucket_cap: int = 1000
-    tables: int | None = None
+    hamming_threshold: int = ranged(6, "[0, 63]")  # distances of 64-bit hashes; plan_tables' limit
+    bucket_cap: int = ranged(1000, "[1, inf)")
+    tables: int | None = ranged(None, f"[1, {MAX_TABLES}]")
 
 
 @dataclass(frozen=True)

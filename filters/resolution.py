@@ -4,14 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from filters.base import BAD_ASPECT_RATIO, TOO_SMALL
+from pipeline.configtools import ranged
 
 
 @dataclass
 class ResolutionFilterConfig:
     """Shorter side at least ``min_side`` pixels; longer/shorter side at most ``max_aspect_ratio``."""
 
-    min_side: int = 200
-    max_aspect_ratio: float = 3.0
+    min_side: int = ranged(200, "[0, inf)")  # 0 keeps every size
+    max_aspect_ratio: float = ranged(3.0, "[1, inf)")  # longer / shorter is never below 1
 
 
 class ResolutionFilter:

@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import io
 import os
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from filters.base import UNSAFE_IMAGE
+from pipeline.configtools import ranged
 
-# The detector's output classes, in the order of its output rows (nudenet/nudenet.py).
-NUDENET_CLASSES = (
+# The detector's output classes, in the order of its output rows (nudenet/nudenet.py). A Literal,
+# so the config loader refuses an unknown class in unsafe.classes before any work.
+NudeNetClass = Literal[
     "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
     "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
     "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
     "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
     "BUTTOCKS_COVERED",
-)
+]
+NUDENET_CLASSES: tuple[str, ...] = typing.get_args(NudeNetClass)
 # Exposed male chest, belly, armpits and feet are ordinary beach and sports photos, not unsafe.
 DEFAULT_UNSAFE_CLASSES = (
     "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED",
@@ -44,11 +49,11 @@ class UnsafeFilterConfig:
     docs/BENCHMARKS.md); ``model_path`` None uses the model bundled with ``nudenet``.
     """
 
-    threshold: float = 0.5
-    classes: tuple[str, ...] = field(default_factory=lambda: DEFAULT_UNSAFE_CLASSES)
-    input_size: int = 320
+    threshold: float = ranged(0.5, "[0, 1]")  # scores are detector confidences in [0, 1]
+    classes: tuple[NudeNetClass, ...] = field(default_factory=lambda: DEFAULT_UNSAFE_CLASSES)
+    input_size: int = ranged(320, "[32, 4096]")  # the detector's strides reach 32 pixels
     model_path: str | None = None
-    batch_size: int = 16
+    batch_size: int = ranged(16, "[1, inf)")
 
 
 class UnsafeScorer:

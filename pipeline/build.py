@@ -5,33 +5,16 @@ import logging
 from typing import Callable
 
 from filters.web.address import AddressPolicy
-from pipeline.config import PipelineConfig, dump_yaml
+from pipeline.config import PipelineConfig
 from pipeline.input import prepare_input
 from pipeline.ray_adapter import init_ray, run_stage
+from pipeline.run_folder import OutputInUse, check_output_outside_input, claim_output, record_config
 from pipeline.stage import Stage
 from pipeline.stats import StageStats, merge_all
-from pipeline.storage import Storage
+from pipeline.storage import Storage, url_to_fs
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "config.resolved.yaml"
-
-
-class OutputInUse(RuntimeError):
-    """The output folder holds a run made with another config."""
-
-
-def _record_config(config: PipelineConfig, storage: Storage) -> None:
-    # ray_address may differ between a run and its resume (another cluster); nothing else may.
-    text = dump_yaml(config)
-    comparable = lambda t: "\n".join(line for line in t.splitlines() if "ray_address" not in line)
-    if storage.exists(CONFIG_FILE):
-        previous = storage.read_bytes(CONFIG_FILE).decode()
-        if comparable(previous) != comparable(text):
-            raise OutputInUse(
-                f"{storage.full_url(CONFIG_FILE)}: this output folder holds a run made with another "
-                "config; resuming would mix the two. Use a new output folder, or restore the config.")
-        return
-    storage.write_text(CONFIG_FILE, text)
+__all__ = ["OutputInUse", "build", "check_before_work", "collect_stats", "pipeline_stages"]
 
 
 def pipeline_stages(config: PipelineConfig) -> tuple[list[Stage], list[str]]:
@@ -69,18 +52,33 @@ def pipeline_stages(config: PipelineConfig) -> tuple[list[Stage], list[str]]:
 
 
 def check_before_work(config: PipelineConfig) -> None:
-    """Everything that can be known wrong before a single URL is fetched."""
+    """Everything that can be known wrong before a single URL is fetched or a file is written."""
     if config.backtranslation.enabled:
         from filters.backtranslation import check_models
 
         check_models(config.backtranslation)
+    url_to_fs(config.run.input)  # an object store without its package: the same message as the output
+    check_output_outside_input(config.run)
+
+
+def shard_stats(storage: Storage, stage: str, shards: list[str]) -> dict[str, StageStats]:
+    """A stage's counters per shard, read from its per-shard files on disk."""
+    return {s: StageStats.from_dict(storage.read_json(f"{stage}/{s}.stats.json"))
+            for s in shards if storage.exists(f"{stage}/{s}.stats.json")}
 
 
 def collect_stats(storage: Storage, stage: str, shards: list[str]) -> StageStats:
     """A stage's counters merged from its per-shard files on disk."""
-    items = [StageStats.from_dict(storage.read_json(f"{stage}/{s}.stats.json"))
-             for s in shards if storage.exists(f"{stage}/{s}.stats.json")]
-    return merge_all(stage, items)
+    return merge_all(stage, shard_stats(storage, stage, shards).values())
+
+
+def _run_without_rows(stage: Stage, shards: list[str], progress: Callable[[str], None]) -> None:
+    """Write the stage's empty shards here, in the driver: with no row to score, starting workers
+    and loading a model (NudeNet, MarianMT) would cost minutes for nothing."""
+    for shard in shards:
+        if not stage.is_done(shard):
+            stage.finish_shard(shard, stage.run_shard(shard))
+    progress(f"[{stage.name}] no rows left: {len(shards)} empty shard(s) written without workers")
 
 
 def _size_shuffles(n_shards: int) -> None:
@@ -104,24 +102,32 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
 
     check_before_work(config)
     storage = Storage(config.run.output)
-    storage.makedirs("")
-    _record_config(config, storage)
+    storage.check_writable()
+    claim_output(config, storage, progress)
     shards, input_stats = prepare_input(
         config.run, storage, AddressPolicy.from_strings(config.download.allow_networks))
+    record_config(config, storage)  # only now: a config or input refused above costs no resume
     progress(f"[input] {input_stats.rows_in} rows: {input_stats.rows_out} to download in "
              f"{len(shards)} shard(s), {input_stats.n_dropped} dropped")
-    init_ray(config.run.ray_address)
-    _size_shuffles(len(shards))
+    if shards:  # with nothing to download, every stage runs without workers: no Ray to start
+        init_ray(config.run.ray_address)
+        _size_shuffles(len(shards))
     stages, skipped = pipeline_stages(config)
     all_stats = [input_stats]
+    with_rows = list(shards)  # the shards whose rows are still kept after the last stage run
     for stage in stages:
         if stage.name == "dedup":
             from pipeline.stages.dedup import find_clusters
 
-            counters = find_clusters(storage, stage.input_stage, shards, config.dedup)
+            counters = find_clusters(storage, stage.input_stage, shards, config.dedup, with_rows)
             progress(f"[dedup] clusters found over all shards: {counters}")
-        run_stage(stage, shards, progress)
-        stats = collect_stats(storage, stage.name, shards)
+        if with_rows:
+            run_stage(stage, shards, progress)
+        else:
+            _run_without_rows(stage, shards, progress)
+        per_shard = shard_stats(storage, stage.name, shards)
+        stats = merge_all(stage.name, per_shard.values())
+        with_rows = [s for s in shards if s in per_shard and per_shard[s].rows_out]
         if stage.name == "dedup":
             stats.counters.update({f"search_{k}": int(v) for k, v in counters.items() if k != "seconds"})
             stats.seconds += float(counters.get("seconds", 0.0))
@@ -132,7 +138,11 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
     stage_names = [s.name for s in stages]
     decisions = write_decisions(storage, stage_names, shards)
     progress(f"[decisions] {decisions.num_rows} rows recorded in decisions.parquet")
-    final = write_final_shards(storage, config, stage_names[-1], shards, progress)
+    if not with_rows:
+        progress(f"[shards] no rows left: every one of the {input_stats.rows_in} input rows was dropped or "
+                 "failed; decisions.parquet says why for each, `filip stats` counts the reasons"
+                 if input_stats.rows_in else "[shards] no rows left: the input URL list holds no rows")
+    final = write_final_shards(storage, config, stage_names[-1], with_rows, progress)
     summary = {"stages": [s.to_dict() for s in all_stats], "shards": shards, "final_shards": final}
     storage.write_json("stats.json", summary)
     return summary

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+import traceback
+from typing import Callable
 
 DESCRIPTION = """\
 Build FILIP300M-style image-text corpora on Ray and pre-train FILIP on them.
@@ -16,6 +20,18 @@ Build FILIP300M-style image-text corpora on Ray and pre-train FILIP on them.
   filip eval CHECKPOINT     zero-shot classification, retrieval and linear probe
   filip align CHECKPOINT IMAGE TEXT   draw the word-patch alignment of one image and caption
 """
+EPILOG = """\
+exit codes:
+  0  success
+  1  unexpected error, a bug: its traceback is printed (please report it with the traceback)
+  2  expected error (bad config, input, path or usage): one line `error: <message>` on stderr;
+     `filip -v COMMAND ...` or FILIP_DEBUG=1 also prints its traceback, e.g. for a bug report
+"""
+DEBUG_VARIABLE = "FILIP_DEBUG"
+MAX_MESSAGE_CHARS = 1500  # an error message stays one readable line, whatever the input holds
+# OS errors on a path the user named (a missing file, a folder that cannot be written) are reported
+# as `path: reason`; other exceptions are bugs.
+PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -102,7 +118,9 @@ def _add_retry(sub: argparse._SubParsersAction) -> None:
                                    "columns and row_id, to feed to a new `filip build`.")
     p.add_argument("output", help="the output folder of a build")
     p.add_argument("--to", required=True, help="Parquet file to write")
-    p.add_argument("--reason", action="append", help="only this failure reason (repeatable), e.g. timeout")
+    p.add_argument("--reason", action="append",
+                   help="only this failure reason (repeatable), e.g. timeout; a reason no row of the "
+                        "run failed with is an error that lists the reasons there are")
     p.set_defaults(func=_run_retry)
 
 
@@ -140,9 +158,10 @@ def run_model_command(name: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="filip", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="filip", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an expected error too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_build(sub)
     _add_stats(sub)
@@ -157,26 +176,57 @@ def _configure_logging(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def expected_error_message(error: BaseException) -> str | None:
+    """The one-line message of an expected error, or None for a bug."""
+    from pipeline.errors import UserError
+
+    if isinstance(error, UserError):
+        message = str(error)
+    elif isinstance(error, PATH_ERRORS):
+        message = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
+    else:
+        return None
+    message = re.sub(r"\s*\n\s*", " ", message.strip()) or type(error).__name__
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def run_reporting_errors(command: Callable[[], int], debug: bool) -> int:
+    """The one error path of every command: an expected error is one line and exit 2, anything
+    else its traceback and exit 1."""
+    try:
+        return command()
+    except Exception as error:  # argparse's SystemExit and Ctrl-C pass through unchanged
+        message = expected_error_message(error)
+        if message is None:
+            traceback.print_exc()
+            print("filip: unexpected error (a bug); please report it with the traceback above",
+                  file=sys.stderr)
+            return 1
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command_at is not None and argv[command_at] in MODEL_COMMANDS:
-        _configure_logging(parser.parse_args(argv[:command_at]))  # global options before the command
-        return run_model_command(argv[command_at], argv[command_at + 1:])
+        args = parser.parse_args(argv[:command_at])  # global options before the command
+        _configure_logging(args)
+        name, rest = argv[command_at], argv[command_at + 1:]
+        return run_reporting_errors(lambda: run_model_command(name, rest), _debug(args))
     args = parser.parse_args(argv)
     _configure_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from pipeline.configtools import ConfigError
-    from pipeline.input import InputError
+    return run_reporting_errors(lambda: int(args.func(args) or 0), _debug(args))
 
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, InputError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(args.verbose or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def _read_rows(parquet_paths: list[str]):
     return rows.materialize()
 
 
-def _empty_result() -> tuple[pa.Table, dict[str, int]]:
+def empty_result() -> tuple[pa.Table, dict[str, int]]:
+    """The search's result over zero rows: no cluster rows, every counter 0."""
     empty = pa.table({"key": pa.array([], pa.string()), "duplicate_of": pa.array([], pa.string()),
                       "cluster_id": pa.array([], pa.string()), "cluster_size": pa.array([], pa.int64()),
                       "dup_reason": pa.array([], pa.string())})
@@ -145,7 +146,7 @@ def find_duplicates_in_driver(parquet_paths: list[str], config: DedupConfig, thr
     dataset, kept = _kept_rows(parquet_paths)
     table = dataset.to_table(columns=COLUMNS, filter=kept)
     if table.num_rows == 0:
-        return _empty_result()
+        return empty_result()
     phash = table["phash"].to_numpy(zero_copy_only=False).astype(np.int64)
     first, second, counters = near_pairs(phash, config, threads=threads)
     exact_first, exact_second = exact_pairs(np.asarray(table["sha256"].to_pylist(), dtype=object))
@@ -171,7 +172,7 @@ def find_duplicates_ray(parquet_paths: list[str], config: DedupConfig, records_p
     rows = _read_rows(parquet_paths)
     table = pa.concat_tables(ray.get(rows.to_arrow_refs())) if rows.count() else None
     if table is None or table.num_rows == 0:
-        return _empty_result()
+        return empty_result()
     n_items = table.num_rows
     n_tables = len(plan_tables(config.hamming_threshold, n_items, config.tables))
     wave = n_tables if tables_per_shuffle is None else max(1, min(tables_per_shuffle, n_tables))

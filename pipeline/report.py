@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.funnel import load_summary
-from pipeline.storage import Storage
+from pipeline.storage import Storage, write_file_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -267,8 +267,6 @@ def _sources_section(storage: Storage, summary: dict) -> str:
 
 def write_html_report(output: str, html_path: str) -> None:
     """Write the statistics report of the build in `output` to `html_path` as one self-contained file."""
-    import fsspec
-
     storage = Storage(output)
     summary = load_summary(output)
     sections = [_sources_section(storage, summary), _funnel_section(summary), _distributions_section(storage),
@@ -276,5 +274,4 @@ def write_html_report(output: str, html_path: str) -> None:
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Build report</title>'
             f"<style>{CSS}</style><script>{BROKEN_IMAGES_SCRIPT}</script></head><body>"
             f'<h1>Build report</h1>{"".join(sections)}</body></html>\n')
-    with fsspec.open(html_path, "w", encoding="utf-8") as handle:
-        handle.write(page)
+    write_file_atomically(html_path, page.encode("utf-8"))  # a reader never sees half a report

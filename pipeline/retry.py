@@ -6,11 +6,27 @@ original `row_id` as `source_row_id`, so results can be joined back to the first
 """
 from __future__ import annotations
 
+import io
+from collections import Counter
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import Storage
+from pipeline.errors import UserError
+from pipeline.storage import Storage, write_file_atomically
+
+
+class UnknownReasonError(UserError):
+    """`--reason` names a reason no row of the run failed with (a typo would write an empty list)."""
+
+
+def _check_reasons(output: str, asked: list[str], present: Counter) -> None:
+    unknown = [r for r in asked if r not in present]
+    if unknown:
+        there = ", ".join(f"{r} ({n})" for r, n in sorted(present.items(), key=lambda kv: (-kv[1], kv[0])))
+        raise UnknownReasonError(f"{output}: no row failed to download with reason {', '.join(unknown)}; "
+                                 f"reasons in this run: {there or 'none, no download failed'}")
 
 
 def failed_rows(output: str, reasons: list[str] | None = None) -> pa.Table:
@@ -20,6 +36,7 @@ def failed_rows(output: str, reasons: list[str] | None = None) -> pa.Table:
     decisions = storage.read_parquet("decisions.parquet", columns=["row_id", "status", "reason"])
     failed = decisions.filter(pc.equal(decisions["status"], "failed_download"))
     if reasons:
+        _check_reasons(output, reasons, Counter(failed["reason"].to_pylist()))
         failed = failed.filter(pc.is_in(failed["reason"], pa.array(reasons, pa.string())))
     wanted = failed["row_id"].combine_chunks()
     parts = []
@@ -36,6 +53,9 @@ def failed_rows(output: str, reasons: list[str] | None = None) -> pa.Table:
 
 
 def write_failed_rows(output: str, destination: str, reasons: list[str] | None = None) -> int:
+    """Write the failed rows to `destination` atomically (a killed run leaves no partial list)."""
     table = failed_rows(output, reasons)
-    pq.write_table(table, destination)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_file_atomically(destination, buffer.getvalue())
     return table.num_rows

@@ -120,34 +120,38 @@ def _versions() -> dict[str, str]:
 
 def write_final_shards(storage: Storage, config, last_stage: str, shards: list[str],
                        progress: Callable[[str], None] = print) -> dict:
-    """Write every final shard not yet done, then `manifest.json`; returns the manifest."""
-    import ray
-    import ray.data
-
+    """Write every final shard not yet done, then `manifest.json`; returns the manifest.
+    `shards`: the last stage's shards that hold kept rows (none: a manifest of zero shards)."""
     start = time.perf_counter()
     per_shard = config.shards.samples_per_shard
     seed = config.shards.seed
-    paths = [storage.full_url(f"{last_stage}/{s}.parquet") for s in shards]
-    rows = ray.data.read_parquet(paths)
+    names, counts, pending = [], [], []
+    if shards:
+        import ray
+        import ray.data
 
-    def keep_and_key(batch: pa.Table) -> pa.Table:
-        batch = batch.filter(pc.is_null(batch[DROP_REASON]))
-        return batch.append_column("shuffle_key", pa.array(shuffle_keys(batch["key"].to_pylist(), seed)))
+        paths = [storage.full_url(f"{last_stage}/{s}.parquet") for s in shards]
+        rows = ray.data.read_parquet(paths)
 
-    ordered = rows.map_batches(keep_and_key, batch_format="pyarrow").sort("shuffle_key")
-    remote_write = ray.remote(num_cpus=1)(write_shard)
-    pending, names, counts = [], [], []
-    for index, batch in enumerate(ordered.iter_batches(batch_size=per_shard, batch_format="pyarrow")):
-        name = shard_name(index)
-        names.append(name)
-        counts.append(batch.num_rows)
-        if not storage.exists(f"{FOLDER}/{name}.done"):
-            pending.append(remote_write.remote(storage.url, name, batch, config.download.encode_format))
-    ray.get(pending)
+        def keep_and_key(batch: pa.Table) -> pa.Table:
+            batch = batch.filter(pc.is_null(batch[DROP_REASON]))
+            return batch.append_column("shuffle_key", pa.array(shuffle_keys(batch["key"].to_pylist(), seed)))
+
+        ordered = rows.map_batches(keep_and_key, batch_format="pyarrow").sort("shuffle_key")
+        remote_write = ray.remote(num_cpus=1)(write_shard)
+        for index, batch in enumerate(ordered.iter_batches(batch_size=per_shard, batch_format="pyarrow")):
+            name = shard_name(index)
+            names.append(name)
+            counts.append(batch.num_rows)
+            if not storage.exists(f"{FOLDER}/{name}.done"):
+                pending.append(remote_write.remote(storage.url, name, batch, config.download.encode_format))
+        ray.get(pending)
     tokenizer = None
-    if config.shards.tokenizer_vocab_size:
+    if config.shards.tokenizer_vocab_size and names:
         tokenizer = train_shard_tokenizer(storage, names, config.shards.tokenizer_vocab_size,
                                           config.shards.tokenizer_max_sentences, progress)
+    elif config.shards.tokenizer_vocab_size:
+        progress("[shards] no tokenizer trained: there is no caption to train it on")
     config_text = storage.read_bytes("config.resolved.yaml")
     manifest = {
         "shards": [{"name": f"{n}.tar", "parquet": f"{n}.parquet", "samples": c} for n, c in zip(names, counts)],

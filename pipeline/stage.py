@@ -16,29 +16,32 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.configtools import FieldError, ranged
 from pipeline.stats import StageStats
 from pipeline.storage import Storage
 
 DROP_REASON = "drop_reason"
 DROP_KIND = "drop_kind"  # "dropped" (a decision) or "failed" (could not be processed)
+RAY_RESOURCE_RESOLUTION = 0.0001  # Ray's smallest fraction of a CPU or GPU
 
 
 @dataclass
 class Resources:
     """How a stage is scheduled: per-worker CPUs and GPUs, worker count, rows per batch."""
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    concurrency: int | None = None  # workers; None: as many as the cluster's CPUs allow
-    batch_size: int = 256
+    num_cpus: float = ranged(1.0, "[0, inf)")
+    num_gpus: float = ranged(0.0, "[0, inf)")
+    concurrency: int | None = ranged(None, "[1, inf)")  # workers; None: as many as the cluster's CPUs allow
+    batch_size: int = ranged(256, "[1, inf)")
 
     def __post_init__(self) -> None:
         if self.num_cpus <= 0 and self.num_gpus <= 0:
-            raise ValueError("resources need num_cpus > 0 or num_gpus > 0")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError("resources.concurrency must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError("resources.batch_size must be at least 1")
+            raise FieldError("num_cpus", "resources need num_cpus > 0 or num_gpus > 0")
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            # Ray refuses a fractional request finer than this, but only once the stage starts.
+            if 0 < value < RAY_RESOURCE_RESOLUTION:
+                raise FieldError(name, f"{value} is out of range: 0 or [{RAY_RESOURCE_RESOLUTION}, inf)")
 
 
 def shard_name(shard_id: int) -> str:

@@ -16,12 +16,34 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+
+# The package fsspec needs for each object store, named in the error when it is missing.
+FILESYSTEM_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+                       "abfs": "adlfs", "abfss": "adlfs", "hf": "huggingface_hub"}
+
+
+class StorageError(UserError):
+    """A path that cannot be used: an object store without its package, a folder that cannot be written."""
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for `url`; a missing filesystem package is the user's to install."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        package = FILESYSTEM_PACKAGES.get(protocol, f"the fsspec filesystem for {protocol}://")
+        raise StorageError(f"{url}: install {package} to use {protocol}:// paths") from None
+    except ValueError as err:  # fsspec's "Protocol not known"
+        raise StorageError(f"{url}: {err}") from None
+
 
 class Storage:
     """The output folder of a run. Paths given to methods are relative to it."""
 
     def __init__(self, root: str):
-        self.fs, path = fsspec.core.url_to_fs(root)
+        self.fs, path = url_to_fs(root)
         self.root = path.rstrip("/")
         self.url = root.rstrip("/")
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
@@ -38,6 +60,17 @@ class Storage:
 
     def makedirs(self, rel: str) -> None:
         self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Create the folder and write a file in it, so that a path that is a file, or a folder
+        this user may not write, is refused before any work instead of at the first output."""
+        try:
+            self.makedirs("")
+            self.write_bytes(".write-check", b"")
+            self.remove(".write-check")
+        except OSError as err:
+            reason = "it is a file" if self.fs.isfile(self.root) else err.strerror or str(err)
+            raise StorageError(f"{self.url}: cannot write the output folder here ({reason})") from None
 
     def glob(self, pattern: str) -> list[str]:
         """Relative paths matching `pattern`, sorted."""
@@ -104,3 +137,15 @@ class Storage:
         for rel in leftovers:
             self.remove(rel, recursive=True)
         return len(leftovers)
+
+
+def write_file_atomically(url: str, data: bytes) -> None:
+    """Write one file (a local path or a URL) under a temporary name beside it, then move it into
+    place: a reader, or a run killed half way, never leaves a partial file under `url`."""
+    fs, path = url_to_fs(url)
+    folder, _, name = path.rpartition("/")
+    try:
+        Storage(fs.unstrip_protocol(folder or ".")).write_bytes(name, data)
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise StorageError(f"{url}: cannot write ({reason})") from None

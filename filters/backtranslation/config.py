@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pipeline.configtools import FieldError, ranged, short_repr
 
 DIRECTIONS: tuple[str, ...] = ("en_de", "de_en", "en_ru", "ru_en")
 # Files that MarianMTModel/MarianTokenizer.from_pretrained need; the weights may come in either format.
@@ -29,36 +32,30 @@ class BackTranslationConfig:
 
     enabled: bool = True
     models: dict[str, str] = field(default_factory=_default_models)
-    batch_size: int = 256
-    max_input_tokens: int = 128  # longer inputs are truncated (and counted)
-    num_beams: int = 1  # greedy by default; >1 goes through transformers' generate
-    max_new_tokens: int = 128
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
-    engine: str = "auto"  # auto (fast greedy loop when num_beams == 1) | fast | generate
+    batch_size: int = ranged(256, "[1, inf)")
+    max_input_tokens: int = ranged(128, "[2, inf)")  # longer inputs are truncated (and counted)
+    num_beams: int = ranged(1, "[1, inf)")  # greedy by default; >1 goes through transformers' generate
+    max_new_tokens: int = ranged(128, "[1, inf)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on cuda, float32 on cpu
+    engine: Literal["auto", "fast", "generate"] = "auto"  # auto: the fast greedy loop when num_beams == 1
     cuda_graphs: bool = True  # replay each decode step as a CUDA graph (GPU, fast engine only)
     # sdpa: same tokens as generate (checked on an H100); matmul: ~15% faster on an H100, but in
     # float16 about 1% of sequences differ from generate's by rounding (docs/BENCHMARKS.md).
-    fast_attention: str = "sdpa"
-    max_length_ratio: float = 3.0  # output words > ratio * source words + length_slack -> too_long
-    length_slack: int = 4
-    max_ngram_repeats: int = 4  # an n-gram (n <= 4) repeated this many times in a row -> repetition
-    cache_size: int = 1_000_000  # normalised captions remembered per translator (LRU)
+    fast_attention: Literal["sdpa", "matmul"] = "sdpa"
+    # output words > ratio * source words + length_slack -> too_long
+    max_length_ratio: float = ranged(3.0, "[0, inf)")
+    length_slack: int = ranged(4, "[0, inf)")
+    # an n-gram (n <= 4) repeated this many times in a row -> repetition; 0 or 1 turns the check off
+    max_ngram_repeats: int = ranged(4, "[0, inf)")
+    cache_size: int = ranged(1_000_000, "[0, inf)")  # normalised captions remembered per translator (LRU)
 
     def __post_init__(self) -> None:
         unknown = set(self.models) - set(DIRECTIONS)
         missing = set(DIRECTIONS) - set(self.models)
         if unknown or missing:
-            raise ValueError(f"backtranslation.models must name exactly {list(DIRECTIONS)}; "
-                             f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
-        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("engine", ("auto", "fast", "generate")),
-                              ("fast_attention", ("sdpa", "matmul")),
-                              ("dtype", ("auto", "float32", "float16", "bfloat16"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"backtranslation.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_beams < 1 or self.batch_size < 1 or self.max_input_tokens < 2 or self.max_new_tokens < 1:
-            raise ValueError("backtranslation: num_beams, batch_size, max_new_tokens must be >= 1 "
-                             "and max_input_tokens >= 2")
+            raise FieldError("models", f"must name exactly {list(DIRECTIONS)}; unknown: "
+                                       f"{short_repr(sorted(unknown))}, missing: {sorted(missing)}")
 
 
 def is_local_path(name: str) -> bool:
@@ -109,4 +106,4 @@ def check_models(config: BackTranslationConfig) -> None:
                                 f"({cache}; missing {', '.join(absent)}); downloads are impossible at run "
                                 f"time: pre-fetch it (`hf download {name}`) or give a local folder")
     if problems:
-        raise MissingModelError("back-translation models missing:\n  " + "\n  ".join(problems))
+        raise MissingModelError("back-translation models missing: " + "; ".join(problems))

@@ -15,16 +15,24 @@ from pipeline.storage import Storage
 CLUSTERS = "dedup/clusters"
 
 
-def find_clusters(storage: Storage, input_stage: str, shards: list[str], config: DedupStageConfig) -> dict:
-    """Write `dedup/clusters/NNNNN.parquet` (by the shard each key came from); resumable as a whole."""
-    from pipeline.dedup import count_kept_rows, find_duplicates_in_driver, find_duplicates_ray
+def find_clusters(storage: Storage, input_stage: str, shards: list[str], config: DedupStageConfig,
+                  with_rows: list[str] | None = None) -> dict:
+    """Write `dedup/clusters/NNNNN.parquet` (by the shard each key came from); resumable as a whole.
+    `with_rows`: the shards that still hold kept rows (default: all); only they are searched, as a
+    shard whose rows were all dropped earlier lacks the columns the search reads."""
+    from pipeline.dedup import count_kept_rows, empty_result, find_duplicates_in_driver, find_duplicates_ray
 
     if storage.exists(f"{CLUSTERS}/.done"):
         return storage.read_json(f"{CLUSTERS}/counters.json")
     start = time.perf_counter()
-    paths = [storage.full_url(f"{input_stage}/{s}.parquet") for s in shards]
-    in_driver = count_kept_rows(paths) <= config.single_machine_max_rows
-    if in_driver:
+    wanted = set(shards if with_rows is None else with_rows)
+    searched = [s for s in shards if s in wanted]
+    paths = [storage.full_url(f"{input_stage}/{s}.parquet") for s in searched]
+    kept = count_kept_rows(paths) if paths else 0
+    in_driver = kept <= config.single_machine_max_rows
+    if not kept:  # nothing to compare: no search, no Ray job
+        table, counters = empty_result()
+    elif in_driver:
         table, counters = find_duplicates_in_driver(paths, config, threads=max(1, int(config.resources.num_cpus)))
     else:
         table, counters = find_duplicates_ray(paths, config, tables_per_shuffle=config.tables_per_shuffle)

@@ -1,22 +1,26 @@
 """Streaming shards: batch layout, rank split, caption choice, exact resume with workers."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import random
+import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from filip.data import (ShardDataset, eval_transform, expand_shards, make_loader, pick_caption,
-                        train_transform)
+from filip.data import (MAX_SHARDS_WITHOUT_SAMPLE, ShardDataset, ShardReadError, eval_transform,
+                        expand_shards, make_loader, pick_caption, train_transform)
 from filip.tokenizer import FilipTokenizer
 from filip.trainer import DataPosition
 
 
 def dataset(shards: list[str], **kwargs: Any) -> ShardDataset:
-    tokenizer = FilipTokenizer.load(Path(shards[0]).parent / "tokenizer.model")
+    tokenizer = FilipTokenizer.load(kwargs.pop("tokenizer", Path(shards[0]).parent / "tokenizer.model"))
     kwargs.setdefault("shuffle_buffer", 50)
     return ShardDataset(shards, tokenizer, kwargs.pop("batch_size", 20),
                         train_transform(64, 0.8, auto_augment=True), seed=3, **kwargs)
@@ -81,3 +85,69 @@ def test_eval_transform_resizes_and_crops() -> None:
 
     out = eval_transform(64)(Image.new("L", (200, 100), 128))
     assert out.shape == (3, 64, 64)
+
+
+def garbage_shards(folder: Path, count: int) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    rng = random.Random(0)
+    paths = [folder / f"{i:05d}.tar" for i in range(count)]
+    for path in paths:
+        path.write_bytes(rng.randbytes(3000))
+    return [str(p) for p in paths]
+
+
+def undecodable_shard(path: Path, samples: int) -> str:
+    with tarfile.open(path, "w") as tar:
+        for index in range(samples):
+            for name, payload in ((f"{index:04d}.jpg", b"not a jpeg"), (f"{index:04d}.txt", b"a dog")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_resampled_unreadable_shards_stop_after_the_bound(flickr_shards: list[str], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    bad = garbage_shards(tmp_path / "bad", 3)
+    endless = dataset(bad, tokenizer=Path(flickr_shards[0]).parent / "tokenizer.model", resampled=True)
+    with caplog.at_level(logging.WARNING, logger="filip.data"), pytest.raises(ShardReadError) as caught:
+        next(iter(endless))
+    message = str(caught.value)
+    assert message.startswith(f"no sample could be read from {MAX_SHARDS_WITHOUT_SAMPLE} shards in a row "
+                              f"under {tmp_path / 'bad'} (last {tmp_path / 'bad'}/0000")
+    assert message.endswith(": ReadError: invalid header); are they the pipeline's WebDataset .tar shards?")
+    opened = [r for r in caplog.records if r.getMessage().startswith("skipping unreadable shard data")]
+    assert len(opened) == MAX_SHARDS_WITHOUT_SAMPLE
+
+
+def test_worker_error_reaches_the_main_process_as_one_line(flickr_shards: list[str], tmp_path: Path) -> None:
+    bad = garbage_shards(tmp_path / "bad", 2)
+    endless = dataset(bad, tokenizer=Path(flickr_shards[0]).parent / "tokenizer.model", resampled=True,
+                      max_shards_without_sample=4)
+    with pytest.raises(ShardReadError) as caught:
+        next(iter(make_loader(endless, num_workers=2)))
+    folder = tmp_path / "bad"
+    assert str(caught.value).startswith(f"no sample could be read from 4 shards in a row under {folder} ")
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_a_few_bad_shards_among_good_ones_are_skipped(flickr_shards: list[str], tmp_path: Path) -> None:
+    bad = garbage_shards(tmp_path / "bad", 2)
+    mixed = dataset([*flickr_shards, *bad], tokenizer=Path(flickr_shards[0]).parent / "tokenizer.model",
+                    max_shards_without_sample=3)
+    assert sum(len(b["keys"]) for b in mixed) == 400  # both bad shards skipped, every good sample read
+    resampled = dataset([flickr_shards[0], *bad], tokenizer=Path(flickr_shards[0]).parent / "tokenizer.model",
+                        resampled=True)
+    stream = iter(resampled)
+    assert [len(next(stream)["keys"]) for _ in range(30)] == [20] * 30  # 600 samples: 6+ shard visits
+
+
+def test_shards_of_undecodable_images_stop_too(flickr_shards: list[str], tmp_path: Path) -> None:
+    shard = undecodable_shard(tmp_path / "00000.tar", 10)
+    endless = dataset([shard], tokenizer=Path(flickr_shards[0]).parent / "tokenizer.model", resampled=True,
+                      max_undecodable_in_a_row=25)
+    with pytest.raises(ShardReadError) as caught:
+        next(iter(endless))
+    pattern = (rf"25 samples in a row did not decode, the last 000\d in {re.escape(shard)}: "
+               rf"UnidentifiedImageError: cannot identify image file <_io\.BytesIO object at 0x[0-9a-f]+>")
+    assert re.fullmatch(pattern, str(caught.value)), str(caught.value)

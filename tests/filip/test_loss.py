@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from filip.loss import (ClipLoss, FilipLoss, dense_late_interaction_scores, late_interaction_scores,
-                        select_tokens)
+import filip.loss
+from filip.loss import (ClipLoss, FilipLoss, dense_late_interaction_scores, interaction_dtype,
+                        late_interaction_scores, select_tokens)
 
 
 def brute_force_scores(img: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor
@@ -100,7 +101,7 @@ def reference_filip_loss(img: torch.Tensor, txt: torch.Tensor, mask: torch.Tenso
 def test_filip_loss_matches_reference() -> None:
     img, txt, mask = random_batch(5, 5, 7, 9, 16, seed=4)
     scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
-    loss = FilipLoss(gather_dtype=None, chunk_size=2)(img, txt, mask, scale)
+    loss = FilipLoss(gather_dtype=None, chunk_size=2, token_keep_ratio=1.0)(img, txt, mask, scale)
     expected = reference_filip_loss(img, txt, mask, scale)
     torch.testing.assert_close(loss, expected)
     (g_loss,) = torch.autograd.grad(loss, scale)
@@ -123,7 +124,7 @@ def test_select_tokens_keeps_best_and_passes_gradient() -> None:
     img, txt, mask = random_batch(4, 4, 8, 12, 16, seed=6)
     img = img.float().requires_grad_()
     txt = txt.float().requires_grad_()
-    sel_img, sel_txt, sel_mask = select_tokens(img, txt, mask, keep_ratio=0.25)
+    sel_img, sel_txt, sel_mask = select_tokens(img, txt, mask, 0.25, 0.25)
     assert sel_img.shape == (4, 2, 16) and sel_txt.shape == (4, 3, 16) and sel_mask.shape == (4, 3)
     # The best patch of image 0 (max similarity to any valid local word) must be kept.
     sims = img[0].detach() @ txt.detach()[mask].T
@@ -135,7 +136,76 @@ def test_select_tokens_keeps_best_and_passes_gradient() -> None:
     assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
 
 
+def test_text_selection_ranks_real_words_and_never_prefers_padding() -> None:
+    img, txt, _ = random_batch(2, 2, 6, 12, 16, seed=8)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, :10] = True  # a long caption: 10 real words, 3 are kept
+    mask[1, :2] = True  # a short one: both real words, then padding
+    # Padding that copies an image patch would have the best score of all if it were eligible.
+    txt[1, 2:] = img[0, 0]
+    # The long caption's best words sit at its end: selection must rank, not cut by position.
+    txt[0, 7:10] = img[1, :3]
+    sel_img, sel_txt, sel_mask = select_tokens(img, txt, mask, 1.0, 0.25)
+    assert torch.equal(sel_img, img)  # ratio 1 leaves a side untouched
+    assert sel_txt.shape == (2, 3, 16) and sel_mask.tolist() == [[True] * 3, [True, True, False]]
+    def rows(tokens: torch.Tensor) -> set[tuple[float, ...]]:
+        return {tuple(row.tolist()) for row in tokens}
+
+    assert rows(sel_txt[0]) == rows(txt[0, 7:10])
+    assert rows(sel_txt[1, :2]) == rows(txt[1, :2])
+
+
+def test_one_process_applies_the_same_selection_per_side() -> None:
+    img, txt, mask = random_batch(6, 6, 8, 12, 16, seed=9)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    loss = FilipLoss(gather_dtype=None, image_keep_ratio=0.25, text_keep_ratio=0.5,
+                     select_group_size=3)(img, txt, mask, scale)
+    halves = [select_tokens(img[r], txt[r], mask[r], 0.25, 0.5) for r in (slice(0, 3), slice(3, 6))]
+    sel_img, sel_txt, sel_mask = (torch.cat(parts) for parts in zip(*halves))
+    assert sel_img.shape == (6, 2, 16) and sel_txt.shape == (6, 6, 16)
+    torch.testing.assert_close(loss, reference_filip_loss(sel_img, sel_txt, sel_mask, scale))
+    unselected = FilipLoss(gather_dtype=None, token_keep_ratio=1.0)(img, txt, mask, scale)
+    assert abs(loss.item() - unselected.item()) > 1e-3
+
+
+def _relative_errors(gather_dtype: torch.dtype, img: torch.Tensor, txt: torch.Tensor,
+                     mask: torch.Tensor, reference: list[torch.Tensor]) -> list[float]:
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = FilipLoss(gather_dtype=gather_dtype, token_keep_ratio=1.0)(
+            img, txt, mask, torch.tensor(50.0, dtype=torch.float64))
+    loss.backward()
+    return [float((got.double() - ref).norm() / ref.norm())
+            for got, ref in zip((loss.detach(), img.grad, txt.grad), reference)]
+
+
+def test_gather_dtype_sets_the_precision_under_an_outer_autocast() -> None:
+    img, txt, mask = random_batch(8, 8, 12, 10, 32, seed=10)
+    img_64, txt_64 = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss_64 = FilipLoss(gather_dtype=None, token_keep_ratio=1.0)(
+        img_64, txt_64, mask, torch.tensor(50.0, dtype=torch.float64))
+    loss_64.backward()
+    reference = [loss_64.detach(), img_64.grad, txt_64.grad]
+    assert max(_relative_errors(torch.float32, img, txt, mask, reference)) < 1e-5
+    assert max(_relative_errors(torch.bfloat16, img, txt, mask, reference)) > 1e-3
+    float16 = _relative_errors(torch.float16, img, txt, mask, reference)
+    assert max(float16) < 1e-2
+
+
+def test_interaction_dtype_falls_back_to_float32_without_a_matmul(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert interaction_dtype(None, cpu) is None
+    assert interaction_dtype(torch.float32, cpu) == torch.float32
+    monkeypatch.setattr(filip.loss, "_matmul_works", lambda dtype, device_type: False)
+    assert interaction_dtype(torch.float16, cpu) == torch.float32
+
+
 # -- two processes with gloo --------------------------------------------------------------------
+
+# Full FILIP, FILIP with token selection on both sides, and CLIP: each compared between one
+# process on the whole batch and two ranks on its halves.
+KINDS = ("filip", "filip_selected", "clip")
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -154,12 +224,17 @@ def _two_rank_worker(rank: int, world: int, port: int, data: dict[str, Any],
     try:
         b = data["img"].shape[0] // world
         rows = slice(rank * b, (rank + 1) * b)
-        for kind in ("filip", "clip"):
+        for kind in KINDS:
             img = data["img"][rows].clone().requires_grad_()
             txt = data["txt"][rows].clone().requires_grad_()
             scale = data["scale"].clone().requires_grad_()
             if kind == "filip":
                 loss_fn = FilipLoss(rank, world, chunk_size=1, token_keep_ratio=1.0, gather_dtype=None)
+                loss = loss_fn(img, txt, data["mask"][rows], scale)
+            elif kind == "filip_selected":
+                # Selection scored within each rank's 3 samples (default group: the local batch).
+                loss_fn = FilipLoss(rank, world, chunk_size=1, image_keep_ratio=0.5,
+                                    text_keep_ratio=0.5, gather_dtype=None)
                 loss = loss_fn(img, txt, data["mask"][rows], scale)
             else:
                 loss = ClipLoss(rank, world)(img[:, 0], txt[:, 0], scale)
@@ -206,11 +281,15 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch() -> None:
                 proc.kill()
         assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
         results = dict(results)
-    for kind in ("filip", "clip"):
+    for kind in KINDS:
         img1, txt1 = data["img"].clone().requires_grad_(), data["txt"].clone().requires_grad_()
         scale1 = data["scale"].clone().requires_grad_()
         if kind == "filip":
-            loss = FilipLoss(chunk_size=4, gather_dtype=None)(img1, txt1, data["mask"], scale1)
+            loss = FilipLoss(chunk_size=4, gather_dtype=None, token_keep_ratio=1.0)(
+                img1, txt1, data["mask"], scale1)
+        elif kind == "filip_selected":
+            loss = FilipLoss(chunk_size=4, gather_dtype=None, token_keep_ratio=0.5,
+                             select_group_size=3)(img1, txt1, data["mask"], scale1)
         else:
             loss = ClipLoss()(img1[:, 0], txt1[:, 0], scale1)
         loss.backward()
@@ -221,6 +300,8 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch() -> None:
             torch.testing.assert_close(g_img, img1.grad[rows], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(g_txt, txt1.grad[rows], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(g_scale, scale1.grad, rtol=1e-4, atol=1e-6)
+    # Selection really was on: it changes the loss.
+    assert abs(results["filip_selected_0"][0] - results["filip_0"][0]) > 1e-3
     for rank in range(2):
         loss_value, finite, img_grad, txt_grad = results[f"selected_{rank}"]
         assert 0 < loss_value < 10 and finite and img_grad > 0 and txt_grad > 0
