@@ -67,7 +67,8 @@ MODEL_NUMBERS = list(_numbers(ModelConfig, "model"))
 def test_every_number_has_a_documented_range() -> None:
     assert [key for key, _, _ in NUMBERS] == [
         "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.crop_scale_min",
-        "loss.chunk_size", "loss.token_keep_ratio", "optim.lr", "optim.weight_decay", "optim.betas",
+        "loss.chunk_size", "loss.token_keep_ratio", "loss.image_keep_ratio", "loss.text_keep_ratio",
+        "loss.select_group_size", "optim.lr", "optim.weight_decay", "optim.betas",
         "optim.eps", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "run.max_steps",
         "run.seed", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.cpu_threads"]
     assert len(MODEL_NUMBERS) == 13
