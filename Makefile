@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements-torch.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-torch.txt
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,train]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -307,6 +307,19 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathL
                                           f"{list(value.shape)} for a parameter of {list(param.shape)}")
 
 
+def restore_scaler_state(scaler: Any, state: Any, path: str | os.PathLike[str]) -> None:
+    """Load a saved GradScaler state into `scaler` (an fp16 run). A checkpoint without one (a bf16
+    or fp32 run) leaves the scaler fresh; a run without a scaler ignores a saved state."""
+    if scaler is None or state is None:
+        return
+    scale = state.get("scale") if isinstance(state, dict) else None
+    # A zero, negative or NaN scale would silently zero or poison every later gradient.
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise CheckpointError(f"checkpoint {path}: its GradScaler scale {str(scale)[:40]} is not a "
+                              f"finite positive number")
+    scaler.load_state_dict(state)
+
+
 def load_for_resume(path: str | os.PathLike[str], model: nn.Module,
                     model_config: ModelConfig) -> dict[str, Any]:
     """Check a training checkpoint against the run's model, load its weights; returns the state."""

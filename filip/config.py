@@ -66,6 +66,10 @@ class OptimConfig:
     warmup_steps: int = ranged(0, "[0, inf)")
     min_lr_ratio: float = ranged(0.0, "[0, 1]")  # the cosine's floor, as a share of lr
     grad_clip: float | None = ranged(1.0, "(0, inf)")  # None: no clipping
+    # Gradient accumulation: data.batch_size (the batch the loss contrasts) is run through the
+    # model as this many micro-batches, with cached features (trainer.accumulated_backward); it
+    # must divide data.batch_size. The result is that of one step over the whole batch.
+    accum_steps: int = ranged(1, "[1, inf)")
 
 
 @dataclass
@@ -76,7 +80,8 @@ class RunConfig:
     max_steps: int = ranged(MISSING, "[1, inf)")
     seed: int = ranged(0, SEED_RANGE)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; fp16: float16 autocast with a GradScaler (older GPUs)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     log_every: int = ranged(10, "[1, inf)")
     checkpoint_every: int = ranged(1000, "[1, inf)")
     keep_checkpoints: int = ranged(3, "[1, inf)")
@@ -88,6 +93,19 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training: rank 0 runs `filip eval`'s zero-shot and retrieval code on the model."""
+
+    every_steps: int | None = ranged(None, "[1, inf)")  # None: no evaluation during training
+    zeroshot: str | None = None  # an ImageFolder dataset, as `filip eval --zeroshot` takes
+    retrieval: str | None = None  # an image,caption CSV (images/ beside it), as `filip eval --retrieval`
+    # Bounds on the cost of each evaluation (None: the whole dataset), as --max-per-class / --max-images.
+    max_per_class: int | None = ranged(None, "[1, inf)")
+    max_images: int | None = ranged(None, "[1, inf)")
+    batch_size: int = ranged(64, "[1, inf)")
+
+
+@dataclass
 class TrainConfig:
     """The whole `filip train` config: one section per concern."""
 
@@ -96,6 +114,7 @@ class TrainConfig:
     optim: OptimConfig
     run: RunConfig
     loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         overrides = {k: v for k, v in self.model.items() if k != "preset"}
@@ -209,6 +228,12 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TrainConfi
         _check_model_section(cfg.model)
         if len(cfg.optim.betas) != 2:
             raise ConfigError(f"optim.betas: expected two numbers, got {len(cfg.optim.betas)}")
+        if cfg.eval.every_steps is not None and not (cfg.eval.zeroshot or cfg.eval.retrieval):
+            raise ConfigError("eval.every_steps: set, but there is nothing to evaluate: "
+                              "give eval.zeroshot or eval.retrieval")
+        if cfg.data.batch_size % cfg.optim.accum_steps:
+            raise ConfigError(f"optim.accum_steps: {cfg.optim.accum_steps} does not divide "
+                              f"data.batch_size {cfg.data.batch_size}")
     except configtools.ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return cfg

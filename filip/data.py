@@ -1,9 +1,12 @@
 """Streaming training data from the pipeline's WebDataset shards.
 
 Every random choice (shard order, shuffle buffer, crop, AutoAugment, which caption) is drawn from
-a generator seeded by (seed, epoch, rank, worker, position), so a stream is a pure function of its
-position: a resumed run skips the consumed samples *before* decoding and then sees exactly the
-batches an uninterrupted run would have seen.
+a generator seeded by (seed, epoch, rank, worker, and the shard, sample or position index), so a
+stream is a pure function of a small state: where its reading continues (shard index, sample
+index in it), which samples its shuffle buffer holds (as shard and sample indices) and how many
+it has emitted. Each batch carries that state; a resumed loader seeks to and reads only the
+buffered samples, whatever the step, and then yields exactly the batches an uninterrupted run
+would have.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import io
 import json
 import logging
 import random
+import zlib
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from glob import glob
 from pathlib import Path
@@ -20,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from filip.model import IMAGE_MEAN, IMAGE_STD
+from filip.shard_reader import fetch_shard_samples, iter_shard_samples
 from filip.tokenizer import FilipTokenizer
 from pipeline.errors import UserError
 
@@ -30,6 +36,7 @@ BACK_TRANSLATION_KEYS = ("caption_bt_de", "caption_bt_ru")
 MAX_SHARDS_WITHOUT_SAMPLE = 32
 # Likewise for shards that read but hold only images that do not decode.
 MAX_UNDECODABLE_IN_A_ROW = 10_000
+STATE_FORMAT = 2  # of a worker's saved stream state; 1 (a raw sample count) is not resumable
 logger = logging.getLogger(__name__)
 
 
@@ -90,11 +97,16 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
 
 def pick_caption(sample: dict[str, Any], rng: random.Random) -> str:
-    """The original caption or one of its back-translations, uniformly."""
+    """The original caption or one of its back-translations, uniformly among the non-empty ones.
+
+    A degenerate back-translation is stored as null (pipeline/stages/backtranslate.py), so it is
+    never drawn, and the others share its draws equally.
+    """
     candidates = [sample["txt"].decode("utf-8", "replace")] if "txt" in sample else []
     if "json" in sample:
         meta = json.loads(sample["json"])
-        candidates += [meta[k] for k in BACK_TRANSLATION_KEYS if isinstance(meta.get(k), str) and meta[k].strip()]
+        candidates += [meta.get(k) for k in BACK_TRANSLATION_KEYS]
+    candidates = [c for c in candidates if isinstance(c, str) and c.strip()]
     if not candidates:
         raise ValueError(f"sample {sample.get('__key__')} has no caption")
     return rng.choice(candidates)
@@ -122,9 +134,8 @@ class _ShardTries:
         self.last_shard, self.last_error = "", "none"
 
     def handler(self, error: Exception) -> bool:
-        """webdataset's error handler: remember the error, log it, go on with the next shard."""
-        # webdataset appends the url and stream to the args; the first one is the reason.
-        self.last_error = f"{type(error).__name__}: {_one_line(error.args[0] if error.args else '')}"
+        """A shard read failed: remember the error, log it; the caller goes on with the next shard."""
+        self.last_error = f"{type(error).__name__}: {_one_line(error)}"
         logger.warning("skipping unreadable shard data in %s: %s", self.last_shard, self.last_error)
         return True
 
@@ -138,11 +149,114 @@ class _ShardTries:
         self.last_shard = shard
 
 
+def stream_layout(shards: list[str], num_workers: int, shuffle_buffer: int, resampled: bool,
+                  world_size: int = 1) -> dict[str, Any]:
+    """What a saved stream state depends on: it continues only a stream of the same layout."""
+    names = "\n".join(Path(s).name for s in shards)  # names only: the corpus may move
+    return {"format": STATE_FORMAT, "workers": max(1, num_workers), "world_size": world_size,
+            "shuffle_buffer": max(1, shuffle_buffer), "resampled": resampled, "shards": len(shards),
+            "shard_names_crc32": zlib.crc32(names.encode())}
+
+
+class _WorkerStream:
+    """One logical worker's raw samples through the shuffle buffer, with the state that continues it.
+
+    The buffer holds `shuffle_buffer` samples; each new one takes a slot drawn from its arrival
+    index and pushes the slot's sample out; when the shards run out the rest leaves in a seeded
+    order. `state()` names every buffered sample by (shard index, sample index, byte offset), so
+    resuming reads those few samples, not the stream up to them.
+    """
+
+    def __init__(self, ds: "ShardDataset", worker: int, num_workers: int, state: dict[str, Any] | None) -> None:
+        self.ds, self.worker = ds, worker
+        self.order = None if ds.resampled else ds.worker_shards(worker, num_workers)
+        self.layout = stream_layout(ds.shards, num_workers, ds.shuffle_buffer, ds.resampled, ds.world_size)
+        state = state or {}
+        # Reading continues at sample `member` (its first header at byte `offset`) of the `shard`-th shard.
+        self.shard, self.member = int(state.get("shard", 0)), int(state.get("member", 0))
+        self.offset = int(state.get("offset", 0))
+        self.arrivals = int(state.get("arrivals", 0))
+        self.done = bool(state.get("done", False))  # shards exhausted, buffer draining in `refs` order
+        self.refs: list[tuple[int, int, int]] = [(int(n), int(i), int(o)) for n, i, o in state.get("buffer", [])]
+        self.drained = 0
+        self.tries = _ShardTries(ds.max_shards_without_sample)
+
+    def url(self, n: int) -> str | None:
+        """The worker's `n`-th shard (None past the last)."""
+        if self.order is None:  # sampled with replacement, each draw its own seed: O(1) to any n
+            ds = self.ds
+            return ds.shards[_mix(ds.seed, ds.epoch, ds.rank, self.worker, 1, n) % len(ds.shards)]
+        return self.order[n] if n < len(self.order) else None
+
+    def state(self) -> dict[str, Any]:
+        refs = self.refs[self.drained:] if self.done else self.refs
+        return {"layout": self.layout, "shard": self.shard, "member": self.member, "offset": self.offset,
+                "arrivals": self.arrivals, "done": self.done, "buffer": [list(ref) for ref in refs]}
+
+    def _read(self) -> Iterator[tuple[tuple[int, int, int], int, dict[str, Any]]]:
+        """(ref, offset after it, sample) of each image sample from where reading continues."""
+        n, start, offset = self.shard, self.member, self.offset
+        while (url := self.url(n)) is not None:
+            self.tries.next_shard(url)  # raises once too many shards in a row gave nothing
+            try:
+                for index, at, after, sample in iter_shard_samples(url, start=start, offset=offset):
+                    if "jpg" in sample:
+                        self.tries.without_sample = 0
+                        yield (n, index, at), after, sample
+            except Exception as error:  # an unreadable or truncated shard: go on with the next
+                self.tries.handler(error)
+            n, start, offset = n + 1, 0, 0
+
+    def _load(self, refs: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+        """The samples of a saved buffer, each read at its offset (nothing else is read)."""
+        wanted: dict[int, dict[int, int]] = defaultdict(dict)
+        for n, index, offset in refs:
+            wanted[n][index] = offset
+        found: dict[tuple[int, int], dict[str, Any]] = {}
+        for n in sorted(wanted):
+            url = self.url(n) or f"shard #{n} (past the last)"
+            try:
+                found.update(((n, i), sample) for i, sample in fetch_shard_samples(url, wanted[n]).items())
+            except Exception as error:
+                raise ShardReadError(f"cannot resume the data stream: {url}: {type(error).__name__}: "
+                                     f"{_one_line(error)}") from None
+            if any((n, i) not in found for i in wanted[n]):
+                raise ShardReadError(f"cannot resume the data stream: {url} lacks samples that the "
+                                     f"checkpoint names (did the shards change since it was written?)")
+        return [found[n, index] for n, index, _ in refs]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.ds
+        size = max(1, ds.shuffle_buffer)
+        buffer = self._load(self.refs)
+        if not self.done:
+            for ref, after, sample in self._read():
+                self.shard, self.member, self.offset = ref[0], ref[1] + 1, after
+                self.arrivals += 1
+                if size == 1:  # no shuffle
+                    yield sample
+                    continue
+                if len(buffer) < size:
+                    buffer.append(sample)
+                    self.refs.append(ref)
+                    continue
+                slot = _mix(ds.seed, ds.epoch, ds.rank, self.worker, 3, self.arrivals) % size
+                buffer[slot], sample = sample, buffer[slot]
+                self.refs[slot] = ref
+                yield sample
+            order = list(range(len(buffer)))
+            random.Random(_mix(ds.seed, ds.epoch, ds.rank, self.worker, 4)).shuffle(order)
+            buffer, self.refs = [buffer[i] for i in order], [self.refs[i] for i in order]
+            self.done = True
+        for self.drained, sample in enumerate(buffer, start=1):
+            yield sample
+
+
 class ShardDataset(IterableDataset):
     """Batches of (images, token ids, mask) streamed from tar shards, split by rank and worker.
 
-    `resume[w] = (position, batch_index)` makes logical worker `w` skip its first `position` raw
-    samples without decoding them and number its batches from `batch_index` (resume).
+    Each batch carries `resume_state`, its worker's state after it; `resume[w]` = that state of
+    logical worker `w` continues it there (see `_WorkerStream`) without reading what it consumed.
     `worker_offset` maps DataLoader worker k to logical worker (k + offset) % num_workers, so a
     resumed DataLoader, which always starts at worker 0, continues the uninterrupted order.
     """
@@ -150,7 +264,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards: list[str], tokenizer: FilipTokenizer, batch_size: int,
                  image_transform: Callable[[Any], torch.Tensor], *, seed: int = 0, epoch: int = 0,
                  resampled: bool = False, shuffle_buffer: int = 1000, rank: int = 0,
-                 world_size: int = 1, resume: dict[int, tuple[int, int]] | None = None,
+                 world_size: int = 1, resume: dict[int, dict[str, Any]] | None = None,
                  worker_offset: int = 0, max_shards_without_sample: int = MAX_SHARDS_WITHOUT_SAMPLE,
                  max_undecodable_in_a_row: int = MAX_UNDECODABLE_IN_A_ROW) -> None:
         super().__init__()
@@ -159,7 +273,10 @@ class ShardDataset(IterableDataset):
         self.seed, self.epoch, self.resampled = seed, epoch, resampled
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = rank, world_size
-        self.resume = {int(k): (int(v[0]), int(v[1])) for k, v in (resume or {}).items()}
+        self.resume = {int(k): v for k, v in (resume or {}).items()}
+        for worker, state in self.resume.items():
+            if not isinstance(state, dict) or state.get("layout", {}).get("format") != STATE_FORMAT:
+                raise ValueError(f"resume state of worker {worker} is not of format {STATE_FORMAT}")
         self.worker_offset = worker_offset
         self.max_shards_without_sample = max_shards_without_sample
         self.max_undecodable_in_a_row = max_undecodable_in_a_row
@@ -170,60 +287,34 @@ class ShardDataset(IterableDataset):
             return 0, 1
         return (info.id + self.worker_offset) % info.num_workers, info.num_workers
 
-    def _my_shards(self, worker: int, num_workers: int) -> Iterator[str]:
-        if self.resampled:
-            # Sampling with replacement: every rank/worker draws its own endless shard sequence.
-            rng = random.Random(_mix(self.seed, self.rank, worker, 1))
-            while True:
-                yield rng.choice(self.shards)
+    def worker_shards(self, worker: int, num_workers: int) -> list[str]:
+        """This rank's and worker's shards of the epoch, in order (without resampling)."""
         order = list(self.shards)
         random.Random(_mix(self.seed, self.epoch, 2)).shuffle(order)
         mine = order[self.rank::self.world_size][worker::num_workers]
         if not mine:
             logger.warning("rank %d worker %d has no shard (%d shards for %d ranks x %d workers)",
                            self.rank, worker, len(order), self.world_size, num_workers)
-        yield from mine
-
-    def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
-        tries = _ShardTries(self.max_shards_without_sample)
-
-        def urls() -> Iterator[dict[str, str]]:
-            for url in self._my_shards(worker, num_workers):
-                tries.next_shard(url)  # raises once too many shards in a row gave nothing
-                yield {"url": url}
-
-        samples = wds.tarfile_to_samples(handler=tries.handler)(urls())
-        rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 3))
-        buffer: list[dict[str, Any]] = []
-        for sample in samples:
-            if "jpg" not in sample:
-                continue
-            # Counted here, before the shuffle buffer, which may hold many shards' worth.
-            tries.without_sample = 0
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            slot = rng.randrange(len(buffer))
-            buffer[slot], sample = sample, buffer[slot]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+        return mine
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from PIL import Image
 
         worker, num_workers = self._worker()
-        skip, batch_index = self.resume.get(worker, (0, 0))
+        state = self.resume.get(worker)
+        if state is not None and state["layout"] != stream_layout(
+                self.shards, num_workers, self.shuffle_buffer, self.resampled, self.world_size):
+            raise ValueError(f"resume state of worker {worker} was saved for another data layout: "
+                             f"{state['layout']}")
+        position, batch_index = (int(state["position"]), int(state["batch_index"])) if state else (0, 0)
+        stream = _WorkerStream(self, worker, num_workers, state)
         images: list[torch.Tensor] = []
         captions: list[str] = []
         keys: list[str] = []
         undecodable = 0
-        for position, sample in enumerate(self._raw_samples(worker, num_workers)):
-            if position < skip:
-                continue  # consumed before the resume: not even decoded
+        for sample in stream:
             sample_seed = _mix(self.seed, self.epoch, self.rank, worker, position)
+            position += 1
             try:
                 image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
                 caption = pick_caption(sample, random.Random(sample_seed))
@@ -247,7 +338,8 @@ class ShardDataset(IterableDataset):
                 ids, mask = self.tokenizer(captions)
                 yield {"images": torch.stack(images), "ids": ids, "mask": mask, "keys": keys,
                        "worker": worker, "batch_index": batch_index, "epoch": self.epoch,
-                       "position": position + 1}
+                       "position": position,
+                       "resume_state": {**stream.state(), "position": position, "batch_index": batch_index + 1}}
                 batch_index += 1
                 images, captions, keys = [], [], []
         # A partial last batch is dropped: every step sees the same global batch size.

@@ -176,8 +176,9 @@ class FilipModel(nn.Module):
             "image_tokens": image.tokens, "image_pooled": image.pooled,
             "text_tokens": text.tokens, "text_mask": text.mask, "text_pooled": text.pooled,
             "image": image, "text": text,
-            # Capped at 100 as in CLIP, so the temperature cannot collapse training.
-            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
+            # Not clamped here: a clamp on the output zeroes the gradient past the cap and can
+            # freeze the temperature. The trainer clamps the parameter after each optimizer step.
+            "logit_scale": self.logit_scale.exp(),
         }
 
     def no_weight_decay_names(self) -> set[str]:

@@ -1,8 +1,9 @@
 """SentencePiece BPE tokenizer trained on the corpus captions, stored beside the shards.
 
-Layout of one encoded caption (context 77): [start, pieces..., end, pad, pad, ...]; pieces beyond
-75 are cut. The model is kept as serialized bytes so it pickles into dataloader workers and
-embeds into checkpoints.
+Layout of one encoded caption: [start, pieces..., end, pad, pad, ...], `context_length` ids in all
+(the model config's `context_length`, 77 by default); pieces beyond `context_length - 2` are cut.
+The model is kept as serialized bytes so it pickles into dataloader workers and embeds into
+checkpoints.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ class FilipTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike[str], context_length: int = 77) -> "FilipTokenizer":
         return cls(Path(path).read_bytes(), context_length)
+
+    def with_context_length(self, context_length: int) -> "FilipTokenizer":
+        """The same pieces, encoded to `context_length` ids (a model's `context_length`)."""
+        return FilipTokenizer(self.model_proto, context_length)
 
     def __getstate__(self) -> dict[str, object]:
         # The C++ processor does not pickle; rebuild it from the bytes in the worker.

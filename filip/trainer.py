@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from filip.checkpoint import (capture_rng_state, check_optimizer_state, checkpoint_name, checkpoint_part,
                               latest_checkpoint, list_checkpoints, load_for_resume, restore_rng_state,
-                              save_checkpoint)
+                              restore_scaler_state, save_checkpoint)
 from filip.config import ConfigError, TrainConfig, load_config, save_config
 from filip.distributed import DistributedContext, all_gather_objects, barrier, init_distributed, shutdown
 from filip.model import FilipModel, ModelConfig
@@ -64,6 +66,19 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def clamp_logit_scale(model: FilipModel) -> None:
+    """Keep the temperature parameter in [0, ln 100] (a scale of 1 to 100), as open_clip does.
+
+    The parameter is clamped, not the model's output: an output clamp zeroes the gradient past
+    the cap, and momentum could then carry the parameter beyond it for good.
+    """
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
 def build_loss(cfg: TrainConfig, ctx: DistributedContext) -> nn.Module:
     from filip.loss import ClipLoss, FilipLoss
 
@@ -75,22 +90,81 @@ def build_loss(cfg: TrainConfig, ctx: DistributedContext) -> nn.Module:
                      gather_dtype=DTYPES[cfg.loss.gather_dtype])
 
 
+# The model outputs a loss reads that hold one row per sample: cached and stitched by micro-batch.
+FEATURE_KEYS = ("image_tokens", "text_tokens", "text_mask", "image_pooled", "text_pooled")
+
+
+def accumulated_backward(network: nn.Module, loss_fn: nn.Module,
+                         batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], accum_steps: int = 1,
+                         autocast: Callable[[], Any] = contextlib.nullcontext,
+                         scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagate `loss_fn` over the whole batch (images, ids, mask), running `network` on
+    `accum_steps` micro-batches at a time; returns the loss and the logit scale, detached.
+
+    A contrastive loss needs every sample's features, so micro-batch losses cannot be averaged.
+    As open_clip's accum_freq: a pass without gradient caches each micro-batch's features; then
+    each micro-batch is run again with gradient, its slice of the cache is replaced by the fresh
+    features and the whole-batch loss (token selection included) is backpropagated. The gradients
+    add up to those of one pass over the batch. The temperature, shared by all micro-batches,
+    takes its gradient in the last one only (each pass would add it again). Both passes must agree,
+    so the model has no dropout; augmentation happened in the loader. Gradients are added to
+    `.grad`: zero them first. `scaler` (fp16) scales each backward.
+    """
+    images, ids, mask = batch
+    if accum_steps == 1:
+        with autocast():
+            out = network(images, ids, mask)
+            loss = loss_fn(**out)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss.detach(), out["logit_scale"].detach()
+    if images.shape[0] % accum_steps:
+        raise ValueError(f"accum_steps {accum_steps} does not divide the batch of {images.shape[0]}")
+    micro = list(zip(*(t.chunk(accum_steps) for t in batch)))
+    with torch.no_grad(), autocast():
+        cached = [{k: v for k, v in network(*m).items() if k in FEATURE_KEYS} for m in micro]
+    no_sync = getattr(network, "no_sync", None)  # DDP: all-reduce the gradients once, at the end
+    for j, m in enumerate(micro):
+        is_last = j == accum_steps - 1
+        with (no_sync() if no_sync is not None and not is_last else contextlib.nullcontext()):
+            with autocast():
+                out = network(*m)
+                features = {k: torch.cat([c[k] for c in cached[:j]] + [out[k]]
+                                         + [c[k] for c in cached[j + 1:]]) for k in FEATURE_KEYS}
+                logit_scale = out["logit_scale"] if is_last else out["logit_scale"].detach()
+                loss = loss_fn(**features, logit_scale=logit_scale)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach(), logit_scale.detach()
+
+
 @dataclass
 class DataPosition:
-    """How far this rank has read: epoch, and per logical worker (raw position, batches)."""
+    """How far this rank has read: epoch, and per logical worker its stream state (filip.data).
+
+    A worker's state names where its reading continues and which samples its shuffle buffer
+    holds, so resuming costs the same at any step (older checkpoints held a sample count instead).
+    """
 
     epoch: int = 0
-    workers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    workers: dict[int, dict[str, Any]] = field(default_factory=dict)
     next_worker: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "next_worker": self.next_worker,
-                "workers": {str(k): list(v) for k, v in self.workers.items()}}
+                "workers": {str(k): v for k, v in self.workers.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataPosition":
-        return cls(int(d["epoch"]), {int(k): (int(v[0]), int(v[1])) for k, v in d["workers"].items()},
-                   int(d["next_worker"]))
+        return cls(int(d["epoch"]), {int(k): dict(v) for k, v in d["workers"].items()}, int(d["next_worker"]))
+
+    @staticmethod
+    def unusable(d: dict[str, Any], layout: dict[str, Any]) -> str | None:
+        """Why the saved position `d` cannot continue a stream of `layout`; None when it can."""
+        states = list(d["workers"].values())
+        if any(not isinstance(s, dict) or "layout" not in s for s in states):
+            return "it is of an older format"
+        if any(s["layout"] != layout for s in states):
+            return "the shards, data.num_workers, data.shuffle_buffer or data.resampled changed"
+        return None
 
 
 def resolve_tokenizer_path(cfg: TrainConfig, shards: list[str]) -> Path:
@@ -111,8 +185,10 @@ class Trainer:
         self.out_dir = Path(cfg.run.output_dir)
         self.shards = expand_shards(cfg.data.shards)
         self.tokenizer_path = resolve_tokenizer_path(cfg, self.shards)
-        self.tokenizer = FilipTokenizer.load(self.tokenizer_path)
-        self.model_cfg: ModelConfig = cfg.model_config(self.tokenizer.vocab_size)
+        tokenizer = FilipTokenizer.load(self.tokenizer_path)
+        self.model_cfg: ModelConfig = cfg.model_config(tokenizer.vocab_size)
+        # Captions are cut and padded to the model's context, the length of its positional table.
+        self.tokenizer = tokenizer.with_context_length(self.model_cfg.context_length)
         # Same seed on every rank: identical initial weights (DDP broadcasts them anyway).
         torch.manual_seed(cfg.run.seed)
         self.model = FilipModel(self.model_cfg).to(ctx.device)
@@ -121,8 +197,12 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.run.max_steps,
                                                 cfg.optim.min_lr_ratio))
         self.loss_fn = build_loss(cfg, ctx)
-        use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and ctx.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        precision = cfg.run.precision
+        if precision == "auto":
+            precision = "bf16" if ctx.device.type == "cuda" else "fp32"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # float16 gradients underflow: fp16 scales the loss up and the gradients back down.
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if precision == "fp16" else None
         self.step = 0
         self.position = DataPosition()
         self.network: nn.Module = self.model
@@ -144,7 +224,7 @@ class Trainer:
             path = save_checkpoint(
                 self.out_dir / checkpoint_name(self.step), model=self.model, model_config=self.model_cfg,
                 tokenizer=self.tokenizer, loss_kind=self.cfg.loss.kind, step=self.step,
-                optimizer=self.optimizer, scheduler=self.scheduler, scaler=None,
+                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                 data_state={"world_size": self.ctx.world_size, "ranks": positions},
                 train_config=resolved, rng_state=capture_rng_state())
             for old in list_checkpoints(self.out_dir)[: -self.cfg.run.keep_checkpoints]:
@@ -164,15 +244,24 @@ class Trainer:
             check_optimizer_state(self.optimizer, path)
         with checkpoint_part(path, "scheduler state"):
             self.scheduler.load_state_dict(state["scheduler"])
+        with checkpoint_part(path, "GradScaler state"):
+            restore_scaler_state(self.scaler, state.get("scaler"), path)
         self.step = int(state["step"])
         with checkpoint_part(path, "data position"):
-            ranks = state["data_state"].get("ranks", [])
-            if state["data_state"].get("world_size") == self.ctx.world_size:
+            from filip.data import stream_layout
+
+            d, ranks = self.cfg.data, state["data_state"].get("ranks", [])
+            layout = stream_layout(self.shards, d.num_workers, d.shuffle_buffer, d.resampled, self.ctx.world_size)
+            why = ("the world size changed" if state["data_state"].get("world_size") != self.ctx.world_size
+                   else DataPosition.unusable(ranks[self.ctx.rank], layout))
+            if why is None:
                 self.position = DataPosition.from_dict(ranks[self.ctx.rank])
             else:
-                # A different world size reshards the data: restart the stream at the saved epoch.
-                logger.warning("world size changed since %s: data position restarts", path)
-                self.position = DataPosition(epoch=int(ranks[0]["epoch"]) + 1 if ranks else 0)
+                # The saved stream cannot be continued: restart it at the next epoch (a new shard order).
+                epoch = int(ranks[0]["epoch"]) + 1 if ranks else 0
+                logger.warning("data position of %s not resumed (%s): the stream restarts at epoch %d",
+                               path, why, epoch)
+                self.position = DataPosition(epoch=epoch)
         with checkpoint_part(path, "RNG state"):
             restore_rng_state(state["rng"])
         if self.ctx.is_main:
@@ -225,7 +314,7 @@ class Trainer:
 
     def record(self, batch: dict[str, Any]) -> None:
         workers = max(1, self.cfg.data.num_workers)
-        self.position.workers[batch["worker"]] = (batch["position"], batch["batch_index"] + 1)
+        self.position.workers[batch["worker"]] = batch["resume_state"]
         self.position.next_worker = (batch["worker"] + 1) % workers
 
     # -- the loop ------------------------------------------------------------------------------
@@ -234,22 +323,30 @@ class Trainer:
         images = batch["images"].to(dev, non_blocking=True)
         ids = batch["ids"].to(dev, non_blocking=True)
         mask = batch["mask"].to(dev, non_blocking=True)
-        autocast = (torch.autocast(dev.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
-            out = self.network(images, ids, mask)
-            loss = self.loss_fn(**out)
+        autocast = (functools.partial(torch.autocast, dev.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logit_scale = accumulated_backward(self.network, self.loss_fn, (images, ids, mask),
+                                                 self.cfg.optim.accum_steps, autocast, self.scaler)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped if a gradient overflowed (the scale then drops)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        clamp_logit_scale(self.model)  # the bare module: self.network may be DDP or compiled
         self.scheduler.step()
-        return loss.detach(), out["logit_scale"].detach()
+        return loss, logit_scale
 
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+    def fit(self, stop_after: int | None = None, report_to: str = "none") -> dict[str, Any]:
+        from filip.train_reporting import MetricsLog, TrainingEvaluator
+
         cfg, ctx = self.cfg, self.ctx
-        metrics_path = self.out_dir / "metrics.jsonl"
+        metrics = MetricsLog(self.out_dir, report_to, self.step) if ctx.is_main else None
+        evaluator = TrainingEvaluator(cfg.eval, cfg.run.max_steps) if cfg.eval.every_steps else None
         bar = None
         if ctx.is_main and cfg.run.progress_bar:
             from tqdm import tqdm
@@ -278,9 +375,10 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "samples_per_s": round(per_gpu * ctx.world_size, 2),
                         "samples_per_s_per_gpu": round(per_gpu, 2), "epoch": self.position.epoch}
-                if ctx.is_main:
-                    with open(metrics_path, "a") as handle:
-                        handle.write(json.dumps(last) + "\n")
+                if self.scaler is not None:  # fp16: a scale that keeps falling means overflows
+                    last["loss_scale"] = self.scaler.get_scale()
+                if metrics is not None:  # rank 0
+                    metrics.write(last)
                     if bar is not None:
                         bar.set_postfix(loss=last["loss"], scale=last["logit_scale"])
                     logger.info("step %d loss %.4f scale %.2f lr %.3g %.1f samples/s",
@@ -288,6 +386,13 @@ class Trainer:
                                 last["samples_per_s"])
                 window_start, window_samples, window_steps = time.perf_counter(), 0, 0
                 window_loss.zero_()
+            if evaluator is not None and evaluator.due(self.step):
+                # Rank 0 evaluates before the checkpoint, so a resume keeps this record; the
+                # other ranks wait at the barrier (no collective runs meanwhile).
+                if metrics is not None:
+                    metrics.write(evaluator.run(self.model, self.tokenizer, cfg.loss.kind,
+                                                self.model_cfg.image_size, self.step, ctx.device))
+                barrier(ctx)
             done = self.step == cfg.run.max_steps or self.step == stop_after
             if self.step % cfg.run.checkpoint_every == 0 or done:
                 self.save()
@@ -295,11 +400,17 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if metrics is not None:
+            metrics.close()
         return last
 
 
-def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None,
+          report_to: str = "none") -> dict[str, Any]:
     """Run training in this process (joining torchrun's group if there is one)."""
+    from filip.train_reporting import check_reporting
+
+    check_reporting(cfg, report_to)
     ctx = init_distributed(cfg.run.device)
     threads = torch.get_num_threads()
     if cfg.run.cpu_threads is not None:
@@ -312,7 +423,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
             save_config(load_resolved(resolved), trainer.out_dir / "config.resolved.yaml")
         if resume:
             trainer.resume(resume)
-        return trainer.fit(stop_after)
+        return trainer.fit(stop_after, report_to)
     finally:
         torch.set_num_threads(threads)
         shutdown(ctx)
@@ -332,6 +443,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set run.max_steps=100 (YAML value)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this step, as if the job were killed")
+    parser.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                        help="also write the metrics as TensorBoard scalars under "
+                             "run.output_dir/tensorboard/ (needs the [train] extra)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -351,7 +465,7 @@ def cli_main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set {key}: the value is not YAML "
                               f"({' '.join(str(err).split())[:120]})") from None
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=args.resume, stop_after=args.stop_after)
+    train(cfg, resume=args.resume, stop_after=args.stop_after, report_to=args.report_to)
     return 0
 
 

@@ -50,8 +50,8 @@ RESERVED_COLUMNS = {
     "row_id", "key", "url", "caption", "status", "error_message", "width", "height",
     "original_width", "original_height", "exif", "md5", "sha256", "sha512", "phash",
     "unsafe_score", "duplicate_of", "cluster_id", "cluster_size", "caption_bt_de",
-    "caption_bt_ru", "drop_reason", "drop_kind", "tar_offset", "tar_size", "image",
-    "final_url", "redirects", "attempts",
+    "caption_bt_ru", "caption_bt_de_reason", "caption_bt_ru_reason", "drop_reason", "drop_kind",
+    "tar_offset", "tar_size", "image", "final_url", "redirects", "attempts",
 }
 REASON_CODES = ["", "empty_url", "malformed_url", "unsupported_scheme", "blocked_address",
                 "duplicate_row"]

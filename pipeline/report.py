@@ -200,7 +200,7 @@ def _backtranslate_section(summary: dict) -> str:
         fallbacks = {k: v for k, v in sorted(counters.items()) if k.startswith("fallback_")}
         rows = "".join(f"<tr><td>{escape(k)}</td><td class='n'>{v:,}</td></tr>" for k, v in fallbacks.items())
         body = (f'<p id="bt-hit-rate" data-hits="{hits}" data-misses="{misses}">Cache hit rate: {rate} '
-                f"({hits:,} hits, {misses:,} misses). Fallbacks to the original caption: "
+                f"({hits:,} hits, {misses:,} misses). Degenerate back-translations, left null: "
                 f"{sum(fallbacks.values()):,}.</p><table id=\"bt-fallbacks\"><tr><th>fallback</th><th>rows</th>"
                 f"</tr>{rows or '<tr><td colspan=2>none</td></tr>'}</table>")
     return f'<section id="backtranslate"><h2>Back-translation</h2>{body}</section>'

@@ -22,17 +22,27 @@ except ImportError:
         return _SPACES.sub(" ", caption).strip().lower()
 
 PIVOTS: tuple[str, ...] = ("de", "ru")
-Pair = tuple[str | None, str | None]  # (de, ru) back-translations; None: fell back to the original
+Pair = tuple[str | None, str | None]  # (de, ru) back-translations; None: degenerate
+DEGENERATE = "degenerate"  # the reason stored beside a back-translation left null
+# fallback_<reason>: degenerate translations by rule, once per translated caption and pivot;
+# degenerate_rows_<pivot>: output rows whose back-translation is null (cache hits included).
 COUNTER_NAMES: tuple[str, ...] = ("cache_hits", "cache_misses", "translated", "model_inputs", "truncated",
-                                  *(f"fallback_{r}" for r in REASONS))
+                                  *(f"fallback_{r}" for r in REASONS),
+                                  *(f"degenerate_rows_{p}" for p in PIVOTS))
 
 
 @dataclass
 class BackTranslationResult:
-    """English back-translations in input order; ``counters`` count this call only (they add up)."""
+    """English back-translations in input order; ``counters`` count this call only (they add up).
 
-    de: list[str]
-    ru: list[str]
+    A degenerate back-translation is None, with ``DEGENERATE`` at the same index of its
+    ``*_reason`` list (None otherwise): a copy of the original would pass for a second original.
+    """
+
+    de: list[str | None]
+    ru: list[str | None]
+    de_reason: list[str | None] = field(default_factory=list)
+    ru_reason: list[str | None] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
 
 
@@ -63,8 +73,8 @@ class BackTranslator:
 
     Unique captions (by normalised text) are translated once per translator: later occurrences,
     in the same call or a later one, come from an LRU cache. With a ``shared_cache``, once per run
-    across translators (see :class:`SharedCache`). A degenerate pivot or back-translation falls back
-    to the original caption and is counted as ``fallback_<reason>``.
+    across translators (see :class:`SharedCache`). A degenerate pivot or back-translation is left
+    None (reason ``DEGENERATE``) and counted as ``fallback_<reason>``.
     """
 
     def __init__(self, config: BackTranslationConfig, shared_cache: SharedCache | None = None,
@@ -73,7 +83,7 @@ class BackTranslator:
         self.shared_cache = shared_cache
         self.wait_timeout_s = wait_timeout_s
         self._directions: dict[str, _Direction] = {}
-        # normalised caption -> (de, ru); None marks a fallback, so each caller gets its own original back.
+        # normalised caption -> (de, ru); None marks a degenerate back-translation.
         self._cache: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         self.device = "cpu"
 
@@ -126,7 +136,9 @@ class BackTranslator:
         counters: Counter[str] = Counter({name: 0 for name in COUNTER_NAMES})
         if not self.config.enabled:
             counters["skipped"] = len(captions)
-            return BackTranslationResult(de=list(captions), ru=list(captions), counters=dict(counters))
+            none = [None] * len(captions)
+            return BackTranslationResult(de=list(captions), ru=list(captions), de_reason=none,
+                                         ru_reason=list(none), counters=dict(counters))
         if not self._directions:
             raise RuntimeError("BackTranslator.setup() must be called before translate()")
         keys = [_normalize(c) for c in captions]
@@ -142,16 +154,18 @@ class BackTranslator:
         for key in keys:
             counters["cache_misses" if key in computed else "cache_hits"] += 1
             computed.discard(key)
-        de, ru = [], []
-        for key, caption in zip(keys, captions):
-            pair = fresh[key] if key in fresh else self._cache[key]
-            de.append(pair[0] if pair[0] is not None else caption)
-            ru.append(pair[1] if pair[1] is not None else caption)
+        pairs = [fresh[key] if key in fresh else self._cache[key] for key in keys]
+        de, ru = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        reasons = {pivot: [DEGENERATE if text is None else None for text in texts]
+                   for pivot, texts in zip(PIVOTS, (de, ru))}
+        for pivot in PIVOTS:
+            counters[f"degenerate_rows_{pivot}"] += reasons[pivot].count(DEGENERATE)
         for key, pair in fresh.items():
             self._cache[key] = pair
         while len(self._cache) > self.config.cache_size:
             self._cache.popitem(last=False)
-        return BackTranslationResult(de=de, ru=ru, counters=dict(counters))
+        return BackTranslationResult(de=de, ru=ru, de_reason=reasons["de"], ru_reason=reasons["ru"],
+                                     counters=dict(counters))
 
     def _translate_now(self, todo: dict[str, str], counters: Counter[str]) -> dict[str, Pair]:
         if not todo:

@@ -16,6 +16,9 @@ from filters.backtranslation import BackTranslationConfig, BackTranslator
 from pipeline.stage import RecordStage, Resources
 
 PENDING = None  # claimed, translation not yet delivered
+# Column of the back-translation through each pivot, and of why it is null (DEGENERATE) or null.
+COLUMNS = {"de": "caption_bt_de", "ru": "caption_bt_ru"}
+REASON_COLUMNS = {pivot: f"{column}_reason" for pivot, column in COLUMNS.items()}
 
 
 class TranslationCache:
@@ -72,7 +75,11 @@ class _ActorCache:
 
 
 class BackTranslateStage(RecordStage):
-    """Adds `caption_bt_de` and `caption_bt_ru` beside `caption`; drops nothing."""
+    """Adds `caption_bt_de` and `caption_bt_ru` beside `caption`; drops nothing.
+
+    A degenerate back-translation is null, with "degenerate" in `caption_bt_<pivot>_reason`
+    (the rule that fired is counted as `fallback_<rule>`, null rows as `degenerate_rows_<pivot>`).
+    """
 
     name = "backtranslate"
 
@@ -111,5 +118,8 @@ class BackTranslateStage(RecordStage):
         captions = [c or "" for c in batch["caption"].to_pylist()]
         result = self.translator.translate(captions)
         self.counters.update(result.counters)
-        return (batch.append_column("caption_bt_de", pa.array(result.de, pa.string()))
-                .append_column("caption_bt_ru", pa.array(result.ru, pa.string())))
+        columns = {COLUMNS["de"]: result.de, COLUMNS["ru"]: result.ru,
+                   REASON_COLUMNS["de"]: result.de_reason, REASON_COLUMNS["ru"]: result.ru_reason}
+        for name, values in columns.items():
+            batch = batch.append_column(name, pa.array(values, pa.string()))
+        return batch

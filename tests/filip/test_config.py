@@ -59,7 +59,7 @@ def _numbers(cls: type, prefix: str) -> Iterator[tuple[str, dataclasses.Field, t
             yield key, field, args[0]
 
 
-NUMBERS = [number for section in ("data", "loss", "optim", "run")
+NUMBERS = [number for section in ("data", "loss", "optim", "run", "eval")
            for number in _numbers(typing.get_type_hints(TrainConfig)[section], section)]
 MODEL_NUMBERS = list(_numbers(ModelConfig, "model"))
 
@@ -69,8 +69,10 @@ def test_every_number_has_a_documented_range() -> None:
         "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.crop_scale_min",
         "loss.chunk_size", "loss.token_keep_ratio", "loss.image_keep_ratio", "loss.text_keep_ratio",
         "loss.select_group_size", "optim.lr", "optim.weight_decay", "optim.betas",
-        "optim.eps", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "run.max_steps",
-        "run.seed", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.cpu_threads"]
+        "optim.eps", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip",
+        "optim.accum_steps", "run.max_steps", "run.seed", "run.log_every", "run.checkpoint_every",
+        "run.keep_checkpoints", "run.cpu_threads", "eval.every_steps", "eval.max_per_class",
+        "eval.max_images", "eval.batch_size"]
     assert len(MODEL_NUMBERS) == 13
     assert [key for key, field, _ in NUMBERS + MODEL_NUMBERS if field_range(field) is None] == []
 
@@ -100,7 +102,7 @@ def test_every_range_is_checked_at_load(key: str, field: dataclasses.Field, tp: 
 @pytest.mark.parametrize("key, choices", [
     ("loss.kind", ["filip", "clip"]), ("loss.gather_dtype", ["bfloat16", "float16", "float32"]),
     ("optim.name", ["lamb", "adamw"]), ("run.device", ["auto", "cpu", "cuda"]),
-    ("run.precision", ["auto", "bf16", "fp32"]),
+    ("run.precision", ["auto", "bf16", "fp16", "fp32"]),
 ])
 def test_every_choice_is_checked_at_load(key: str, choices: list[str]) -> None:
     assert _message(_with(key, "nope")) == f"x.yaml: {key}: expected one of {choices}, got 'nope'"

@@ -7,14 +7,17 @@ import logging
 import random
 import re
 import tarfile
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import filip.data
 from filip.data import (MAX_SHARDS_WITHOUT_SAMPLE, ShardDataset, ShardReadError, eval_transform,
                         expand_shards, make_loader, pick_caption, train_transform)
+from filip.shard_reader import fetch_shard_samples, iter_shard_samples
 from filip.tokenizer import FilipTokenizer
 from filip.trainer import DataPosition
 
@@ -55,13 +58,31 @@ def test_caption_drawn_uniformly_from_original_and_back_translations() -> None:
     assert pick_caption({"txt": b"only", "json": b"{}"}, rng) == "only"
 
 
+def test_null_back_translation_is_never_drawn_and_the_others_share_its_draws() -> None:
+    # As the back-translation stage writes a degenerate one: null, with its reason.
+    sample = {"txt": b"original", "json": json.dumps(
+        {"caption_bt_de": None, "caption_bt_de_reason": "degenerate",
+         "caption_bt_ru": "russian round trip", "caption_bt_ru_reason": None}).encode()}
+    rng = random.Random(0)
+    counts: dict[str, int] = {}
+    for _ in range(4000):
+        caption = pick_caption(sample, rng)
+        counts[caption] = counts.get(caption, 0) + 1
+    assert set(counts) == {"original", "russian round trip"}
+    assert all(1850 < n < 2150 for n in counts.values()), counts  # 1/2 each, not 2/3 for the original
+    blank = {"txt": b"  ", "json": json.dumps({"caption_bt_de": "", "caption_bt_ru": "a dog"}).encode()}
+    assert {pick_caption(blank, rng) for _ in range(20)} == {"a dog"}
+    with pytest.raises(ValueError, match="has no caption"):
+        pick_caption({"__key__": "k", "txt": b"", "json": b'{"caption_bt_de": null}'}, rng)
+
+
 def test_resume_with_two_workers_continues_the_same_stream(flickr_shards: list[str]) -> None:
     full = list(make_loader(dataset(flickr_shards), num_workers=2))
     assert len(full) == 20
     consumed = 7  # an odd count: the resumed loader must start at the second worker
     position = DataPosition()
     for batch in full[:consumed]:
-        position.workers[batch["worker"]] = (batch["position"], batch["batch_index"] + 1)
+        position.workers[batch["worker"]] = batch["resume_state"]
         position.next_worker = (batch["worker"] + 1) % 2
     state = DataPosition.from_dict(json.loads(json.dumps(position.to_dict())))
     resumed = list(make_loader(dataset(flickr_shards, resume=state.workers,
@@ -69,6 +90,77 @@ def test_resume_with_two_workers_continues_the_same_stream(flickr_shards: list[s
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[consumed:]]
     for a, b in zip(resumed, full[consumed:]):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["ids"], b["ids"])
+
+
+def assert_same_batches(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [b["keys"] for b in got] == [b["keys"] for b in want]
+    for a, b in zip(got, want):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["ids"], b["ids"])
+        assert a["resume_state"] == b["resume_state"]
+
+
+def test_resume_in_one_worker_at_any_point_of_the_epoch(flickr_shards: list[str]) -> None:
+    full = list(dataset(flickr_shards))
+    assert len(full) == 20 and full[-1]["resume_state"]["done"]
+    # 1 and 5: the buffer is being pushed through; 17 and 18: the shards are out, the buffer drains.
+    for consumed in (1, 5, 17, 18):
+        state = json.loads(json.dumps(full[consumed - 1]["resume_state"]))  # as a checkpoint keeps it
+        assert_same_batches(list(dataset(flickr_shards, resume={0: state})), full[consumed:])
+
+
+def test_resume_of_resampled_shards(flickr_shards: list[str]) -> None:
+    straight = list(islice(dataset(flickr_shards, resampled=True), 40))  # 800 samples: shards revisited
+    state = straight[29]["resume_state"]
+    # 600 samples out, 50 in the buffer: the 50th sample of the 7th shard drawn came in last.
+    assert (state["arrivals"], state["shard"], state["member"]) == (650, 6, 50)
+    resumed = list(islice(dataset(flickr_shards, resampled=True, resume={0: state}), 10))
+    assert_same_batches(resumed, straight[30:])
+
+
+def test_resume_reads_as_few_samples_late_as_early(flickr_shards: list[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        for item in iter_shard_samples(*args, **kwargs):
+            reads[-1] += 1
+            yield item
+
+    def fetched(url: str, wanted: dict[int, int]) -> dict[int, dict[str, Any]]:
+        found = fetch_shard_samples(url, wanted)
+        reads[-1] += len(found)
+        return found
+
+    monkeypatch.setattr(filip.data, "iter_shard_samples", counted)
+    monkeypatch.setattr(filip.data, "fetch_shard_samples", fetched)
+    endless = list(islice(dataset(flickr_shards, resampled=True), 60))
+    for consumed in (2, 59):  # 40 and 1,180 samples in
+        reads.append(0)
+        next(iter(dataset(flickr_shards, resampled=True, resume={0: endless[consumed - 1]["resume_state"]})))
+    # The 50 buffered samples, then the 20 new ones of the first batch (each sample read once).
+    assert reads[1:] == [70, 70]
+
+
+def test_resume_state_of_another_layout_or_format_is_refused(flickr_shards: list[str]) -> None:
+    state = next(iter(dataset(flickr_shards)))["resume_state"]
+    with pytest.raises(ValueError, match="another data layout"):
+        next(iter(dataset(flickr_shards, shuffle_buffer=10, resume={0: state})))
+    with pytest.raises(ValueError, match="is not of format 2"):
+        dataset(flickr_shards, resume={0: (20, 1)})
+
+
+def test_shard_reader_starts_at_an_index_or_offset_and_fetches_by_offset(flickr_shards: list[str]) -> None:
+    everything = list(iter_shard_samples(flickr_shards[1]))
+    assert [i for i, *_ in everything] == list(range(100))
+    assert {"__key__", "__url__", "jpg", "txt", "json"} == set(everything[0][3])
+    assert everything[0][1] == 0 and all(a[2] == b[1] for a, b in zip(everything, everything[1:]))
+    assert list(iter_shard_samples(flickr_shards[1], start=97)) == everything[97:]
+    index, offset = 42, everything[41][2]  # sample 41 ends where 42 starts
+    assert list(iter_shard_samples(flickr_shards[1], start=index, offset=offset)) == everything[42:]
+    wanted = {i: everything[i][1] for i in (99, 3, 42)}
+    assert fetch_shard_samples(flickr_shards[1], wanted) == {i: everything[i][3] for i in (3, 42, 99)}
+    with pytest.raises(tarfile.ReadError):  # an offset that is not a header
+        fetch_shard_samples(flickr_shards[1], {5: everything[5][1] + 100})
 
 
 def test_expand_shards_forms(flickr_shards: list[str]) -> None:

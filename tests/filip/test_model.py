@@ -1,6 +1,8 @@
 """The dual encoder's shapes, normalisation and late-interaction masks."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -52,12 +54,17 @@ def test_padding_does_not_change_real_tokens(model: FilipModel) -> None:
     torch.testing.assert_close(a.tokens[mask], b.tokens[mask])
 
 
-def test_logit_scale_is_capped_at_100() -> None:
+def test_logit_scale_output_is_not_clamped_so_its_gradient_lives_past_100() -> None:
+    # The trainer clamps the parameter instead (tests/filip/test_trainer.py); a clamp here would
+    # give a zero gradient above ln 100 and freeze the temperature.
     m = FilipModel(ModelConfig.preset("tiny"))
     with torch.no_grad():
-        m.logit_scale.fill_(10.0)
+        m.logit_scale.fill_(math.log(100) + 1)
     ids, mask = tiny_text()
-    assert m(torch.randn(3, 3, 64, 64), ids, mask)["logit_scale"].item() == 100.0
+    scale = m(torch.randn(3, 3, 64, 64), ids, mask)["logit_scale"]
+    assert scale.item() == pytest.approx(100 * math.e, rel=1e-5)
+    scale.backward()
+    assert m.logit_scale.grad.item() == pytest.approx(100 * math.e, rel=1e-5)  # d exp(x)/dx, not 0
 
 
 def test_grad_checkpointing_gives_same_gradients() -> None:

@@ -42,6 +42,22 @@ def test_pickles_for_dataloader_workers(tokenizer: FilipTokenizer) -> None:
     assert clone(["a dog"])[0].tolist() == tokenizer(["a dog"])[0].tolist()
 
 
+def test_with_context_length_cuts_and_pads_to_the_model_context(tokenizer: FilipTokenizer) -> None:
+    short = tokenizer.with_context_length(32)
+    assert (short.context_length, tokenizer.context_length) == (32, 77)
+    texts = ["A dog runs on the grass .", "word " * 200]
+    ids, mask = short(texts)
+    full, _ = tokenizer(texts)
+    assert ids.shape == mask.shape == (2, 32)
+    n = int(mask[0].sum())
+    assert ids[0].tolist() == full[0, :32].tolist() and ids[0, n - 1] == EOS_ID
+    assert mask[1].all() and ids[1, :31].tolist() == full[1, :31].tolist() and ids[1, -1] == EOS_ID
+    assert len(short.token_strings("word " * 200)) == 32
+    assert pickle.loads(pickle.dumps(short))(texts)[0].tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="context_length must leave room"):
+        tokenizer.with_context_length(2)
+
+
 def test_cli_trains_beside_the_shards(flickr_shards: list[str], tmp_path: Path) -> None:
     out = tmp_path / "tok.model"
     assert main([str(Path(flickr_shards[0]).parent), "--vocab-size", "500", "--out", str(out)]) == 0

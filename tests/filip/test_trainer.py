@@ -58,6 +58,26 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_training_run: Path, tm
     assert [m["step"] for m in read_metrics(killed)] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
 
+def test_resume_from_an_older_data_position_restarts_the_stream(tiny_training_run: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    state = torch.load(tiny_training_run / "step_00000050.pt", weights_only=True)
+    for rank in state["data_state"]["ranks"]:  # as checkpoints held it before: (raw position, batches)
+        rank["workers"] = {k: [v["position"], v["batch_index"]] for k, v in rank["workers"].items()}
+    torch.save(state, run / "step_00000050.pt")
+    epoch = state["data_state"]["ranks"][0]["epoch"] + 1
+    cfg = yaml.safe_load((tiny_training_run / "config.resolved.yaml").read_text())
+    cfg["run"].update(output_dir=str(run), max_steps=52)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    with caplog.at_level("WARNING", logger="filip.trainer"):
+        assert main([str(tmp_path / "train.yaml"), "--resume", "latest"]) == 0
+    assert any(f"not resumed (it is of an older format): the stream restarts at epoch {epoch}" in r.getMessage()
+               for r in caplog.records)
+    ranks = load_checkpoint(run / "step_00000052.pt")["data_state"]["ranks"]
+    assert ranks[0]["epoch"] == epoch and ranks[0]["workers"]["0"]["batch_index"] == 2
+
+
 def test_stop_after_then_resume_latest_continues(flickr_shards: list[str], tmp_path: Path,
                                                  tiny_config_writer) -> None:
     config = str(tiny_config_writer(Path(flickr_shards[0]).parent, tmp_path / "run",
@@ -132,3 +152,66 @@ def test_torchrun_two_cpu_processes_train_and_checkpoint(flickr_shards, tiny_con
     assert state["step"] == 6 and state["data_state"]["world_size"] == 2
     assert len(state["data_state"]["ranks"]) == 2
     assert [m["step"] for m in read_metrics(out)] == [3, 6]
+
+
+def test_logit_scale_past_the_cap_is_clamped_back_and_still_moves(flickr_shards: list[str], tmp_path: Path,
+                                                                   tiny_config_writer) -> None:
+    """The parameter, not the output, is clamped: at the cap its gradient still brings it down."""
+    import math
+
+    from filip.config import load_config
+    from filip.distributed import init_distributed
+    from filip.trainer import Trainer
+
+    config = tiny_config_writer(Path(flickr_shards[0]).parent, tmp_path / "run", tmp_path / "train.yaml",
+                                max_steps=4, batch_size=8)
+    trainer = Trainer(load_config(config, {"run.device": "cpu"}), init_distributed("cpu"))
+    # A loss that only pushes the temperature down, so each step's direction is known.
+    trainer.loss_fn = lambda **out: out["logit_scale"]
+    cap = torch.tensor(math.log(100)).item()  # ln 100 in the parameter's float32
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(cap + 1)  # where momentum could carry it
+    batches = trainer.batches()
+    trainer.train_step(next(batches))
+    assert trainer.model.logit_scale.item() == cap  # one small step down, then clamped to the cap
+    trainer.train_step(next(batches))
+    # An output clamp would have given a zero gradient from cap + 1 on: the scale would stay there.
+    assert trainer.model.logit_scale.grad.item() > 0  # d exp(x)/dx at the cap (then grad-clipped)
+    assert 0 < trainer.model.logit_scale.item() < cap
+
+
+def test_context_length_reaches_data_checkpoint_and_inference(flickr_shards: list[str], flickr_dir: Path,
+                                                              tmp_path: Path, tiny_config_writer,
+                                                              capsys) -> None:
+    """`model.context_length: 32` trains, and its checkpoint retrieves (`filip eval`) and aligns at 32."""
+    import argparse
+
+    from filip import align, evaluate
+
+    config = tiny_config_writer(Path(flickr_shards[0]).parent, tmp_path / "run", tmp_path / "train.yaml",
+                                max_steps=3, batch_size=8)
+    assert main([str(config), "--set", "model.context_length=32", "--set", "run.log_every=1"]) == 0
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    path = latest_checkpoint(tmp_path / "run")
+    state = load_checkpoint(path)
+    assert state["context_length"] == 32 and state["model_config"]["context_length"] == 32
+    bundle = load_for_inference(path)
+    ids, mask = bundle.tokenizer(["a dog runs " * 40])
+    assert ids.shape == mask.shape == (1, 32) and mask.all()
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_cli_arguments(parser)
+    assert evaluate.cli_main(parser.parse_args([
+        str(path), "--retrieval", str(flickr_dir / "captions.csv"), "--max-images", "10", "--device", "cpu",
+        "--no-progress", "--out", str(tmp_path / "eval")])) == 0
+    retrieval = json.loads((tmp_path / "eval" / "eval.json").read_text())["retrieval"]["flickr8k-1k"]
+    assert retrieval["num_captions"] == 50
+    parser = argparse.ArgumentParser()
+    align.add_cli_arguments(parser)
+    image = sorted((flickr_dir / "images").iterdir())[0]
+    assert align.cli_main(parser.parse_args([str(path), str(image), "a dog runs " * 40,
+                                             "--out", str(tmp_path / "align.png"),
+                                             "--json", str(tmp_path / "align.json")])) == 0
+    tokens = json.loads((tmp_path / "align.json").read_text())["tokens"]
+    assert len(tokens) == 30  # 32 ids less start and end, which do not take part
+    capsys.readouterr()

@@ -108,19 +108,35 @@ def test_truncation_counted(tiny_models: dict[str, str], corpus: list[str]) -> N
     assert result.counters["truncated"] == 2
 
 
-def test_degenerate_output_falls_back_to_original(tiny_models: dict[str, str], repeating_model: str,
+def test_degenerate_output_is_null_with_its_reason(tiny_models: dict[str, str], repeating_model: str,
                                                   corpus: list[str]) -> None:
     captions = corpus[200:210]
     models = {**tiny_models, "de_en": repeating_model}
-    result = make(models, max_new_tokens=16).translate(captions)
-    assert result.de == captions
-    fallbacks = sum(v for k, v in result.counters.items() if k.startswith("fallback_"))
-    kept_original = sum(d == c for d, c in zip(result.de, captions)) + sum(
-        r == c for r, c in zip(result.ru, captions))
-    assert fallbacks == kept_original and result.counters["fallback_repetition"] >= len(captions)
+    result = make(models, max_new_tokens=16).translate(captions + captions[:2])  # two rows from the cache
+    assert result.de == [None] * 12 and result.de_reason == ["degenerate"] * 12
+    assert all((text is None) == (reason == "degenerate") and (reason in (None, "degenerate"))
+               for text, reason in zip(result.ru, result.ru_reason))
+    assert not any(text in captions for text in result.ru)  # never a copy of the original
+    # Rules count once per translated caption and pivot; null rows once per row.
+    assert result.counters["translated"] == len(captions)
+    assert result.counters["fallback_repetition"] >= len(captions)
+    assert sum(v for k, v in result.counters.items() if k.startswith("fallback_")) == \
+        len(captions) + result.ru[:10].count(None)
+    assert result.counters["degenerate_rows_de"] == 12
+    assert result.counters["degenerate_rows_ru"] == result.ru.count(None)
     short = ["A dog .", "Two men ."]
     too_long = make(models, max_new_tokens=16, max_ngram_repeats=0).translate(short)
-    assert too_long.de == short and too_long.counters["fallback_too_long"] >= 2
+    assert too_long.de == [None, None] and too_long.de_reason == ["degenerate"] * 2
+    assert too_long.counters["fallback_too_long"] >= 2
+
+
+def test_good_output_has_no_reason(tiny_models: dict[str, str], corpus: list[str]) -> None:
+    result = make(tiny_models, max_new_tokens=8, **RAW).translate(corpus[:6])
+    for texts, reasons in ((result.de, result.de_reason), (result.ru, result.ru_reason)):
+        assert [r is None for r in reasons] == [isinstance(t, str) and t.strip() != "" for t in texts]
+    assert sum(r is None for r in result.de_reason + result.ru_reason) >= 10  # only empty ones are null
+    assert result.counters["degenerate_rows_de"] == result.de.count(None)
+    assert result.counters["degenerate_rows_ru"] == result.ru.count(None)
 
 
 def test_disabled_mode_skips_everything(tmp_path: Path) -> None:

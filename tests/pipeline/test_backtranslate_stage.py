@@ -1,7 +1,9 @@
 """The back-translation stage on Ray: a caption is translated once per run, whichever actor meets it."""
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -62,3 +64,30 @@ def test_cache_keeps_pending_claims_and_evicts_oldest_finished() -> None:
     assert cache.claim(["c"]) == ({}, ["c"])        # over capacity: "a" (finished, oldest) goes
     cache.fulfil({})
     assert "a" not in cache.entries and set(cache.entries) == {"b", "c"}
+
+
+def test_degenerate_back_translation_is_null_with_reason_column(tmp_path, tiny_marian_models) -> None:
+    from tests.tiny_marian import build_tiny_marian
+
+    # A de->en model whose greedy output is one word repeated: every German round trip degenerates.
+    en_de = Path(tiny_marian_models["en_de"])
+    vocab = json.loads((en_de / "vocab.json").read_text())
+    word = next(p for p in vocab if p.startswith("▁") and p[1:].isalpha() and len(p) > 3)
+    repeating = build_tiny_marian(tmp_path / "repeating", en_de.parent / "shared.spm", seed=7, repeat_piece=word)
+    storage = Storage(str(tmp_path / "out"))
+    shards, captions = _shards(storage, n_shards=1)
+    config = BackTranslationConfig(models={**tiny_marian_models, "de_en": repeating}, max_new_tokens=16,
+                                   device="cpu")
+    stage = BackTranslateStage(storage.url, "unsafe", config, Resources(num_cpus=1, batch_size=4))
+    stats = stage.run_shard(shards[0])
+    stage.teardown()
+    table = storage.read_parquet(f"backtranslate/{shards[0]}.parquet")
+    assert table["caption_bt_de"].to_pylist() == [None] * len(captions)
+    assert table["caption_bt_de_reason"].to_pylist() == ["degenerate"] * len(captions)
+    ru, ru_reason = table["caption_bt_ru"].to_pylist(), table["caption_bt_ru_reason"].to_pylist()
+    assert [r == "degenerate" for r in ru_reason] == [t is None for t in ru]
+    assert set(ru_reason) <= {None, "degenerate"} and not set(ru) & set(captions)
+    assert stats.rows_in == stats.rows_out == len(captions) and not stats.dropped
+    assert stats.counters["degenerate_rows_de"] == len(captions)
+    assert stats.counters["degenerate_rows_ru"] == ru.count(None)
+    assert stats.counters["fallback_repetition"] >= stats.counters["translated"] > 0
