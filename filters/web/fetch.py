@@ -418,6 +418,8 @@ def fetch(url: str, settings: FetchSettings) -> FetchResult:
         result.reason, result.detail = refused.reason, refused.detail
     except (http.client.HTTPException, ConnectionError, ssl.SSLError, OSError) as err:
         result.reason, result.detail = "connection_error", f"{type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 - one server's oddity must not end the whole shard
+        result.reason, result.detail = "download_error", f"{type(err).__name__}: {err}"[:500]
     return result
 
 

@@ -232,3 +232,32 @@ def test_https_certificate_is_verified(tmp_path) -> None:
         server.shutdown()
         server.server_close()
     assert result.reason == "tls_error" and "CERTIFICATE_VERIFY_FAILED" in result.detail
+
+
+def test_a_server_that_does_not_speak_http_is_a_failure_not_a_crash() -> None:
+    """Garbage instead of a status line, and a header line past http.client's limit."""
+    replies = [b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n"]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(5)
+
+    def answer() -> None:
+        for reply in replies:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(reply)
+            conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/a.jpg"
+    try:
+        results = [fetch(url, FetchSettings(policy=ALLOWED, timeout=3, deadline=5)) for _ in replies]
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    assert [r.reason for r in results] == ["connection_error", "connection_error"], results
