@@ -35,7 +35,7 @@ class OutputInUse(UserError, RuntimeError):
 def check_output_outside_input(run: RunConfig) -> None:
     """Refuse an output folder inside an input folder: a folder's files are all read as input,
     so the run's own Parquet files would become input rows of the next run."""
-    from pipeline.input import InputError
+    from pipeline.input_read import InputError
 
     in_fs, in_path = url_to_fs(run.input)
     out_fs, out_path = url_to_fs(run.output)

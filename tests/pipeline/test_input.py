@@ -8,7 +8,8 @@ import pytest
 
 from filters.web.address import AddressPolicy
 from pipeline.config import config_from_dict
-from pipeline.input import InputError, prepare_input
+from pipeline.input import prepare_input
+from pipeline.input_read import InputError
 from pipeline.storage import Storage
 
 ROWS = [
