@@ -4,7 +4,7 @@ Every Flickr8k photo gets one transformed copy per transformation; recall at thr
 share of copies within t bits of their original; false merges at t are pairs of distinct photos
 within t bits. Prints one JSON line.
 
-    .venv/bin/python bench/dedup_quality.py --images /work/shared/data/flickr8k-1k/images
+    .venv/bin/python bench/dedup_quality.py --images ../shared/data/flickr8k-1k/images
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from PIL import Image, ImageEnhance
 from filters.dedup import hamming
 from filters.image import inspect_image
 
+
+FLICKR_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k" / "images"
 
 def _jpeg(image: Image.Image, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
@@ -56,7 +58,7 @@ TRANSFORMS = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=Path, default=Path("/work/shared/data/flickr8k-1k/images"))
+    parser.add_argument("--images", type=Path, default=FLICKR_IMAGES)
     parser.add_argument("--thresholds", type=int, nargs="*", default=list(range(0, 13)))
     args = parser.parse_args(argv)
     paths = sorted(args.images.glob("*.jpg"))

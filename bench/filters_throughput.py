@@ -4,7 +4,7 @@ unsafe scorer's false positive rate on the benign Flickr8k photos at several thr
 Single process; CPU seconds (process time) divide the work so that other load on the machine does
 not count. Prints one JSON line.
 
-    .venv/bin/python bench/filters_throughput.py --images /work/shared/data/flickr8k-1k/images
+    .venv/bin/python bench/filters_throughput.py --images ../shared/data/flickr8k-1k/images
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from filters.unsafe import UnsafeFilterConfig, UnsafeScorer
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
+FLICKR_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k" / "images"
+
 def _rate(count: int, seconds: float, cpu: float) -> dict:
     return {"items": count, "wall_seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
             "items_per_cpu_second": round(count / max(cpu, 1e-9), 1)}
@@ -36,7 +38,7 @@ def _timed(function) -> tuple[object, float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=Path, default=Path("/work/shared/data/flickr8k-1k/images"))
+    parser.add_argument("--images", type=Path, default=FLICKR_IMAGES)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--onnx-threads", type=int, default=1, help="intra-op threads (1 = per core)")
     args = parser.parse_args(argv)

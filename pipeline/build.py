@@ -14,7 +14,7 @@ from pipeline.stats import StageStats, merge_all
 from pipeline.storage import Storage, url_to_fs
 
 log = logging.getLogger(__name__)
-__all__ = ["OutputInUse", "build", "check_before_work", "collect_stats", "pipeline_stages"]
+__all__ = ["OutputInUse", "build", "check_before_work", "pipeline_stages"]
 
 
 def pipeline_stages(config: PipelineConfig) -> tuple[list[Stage], list[str]]:
@@ -65,11 +65,6 @@ def shard_stats(storage: Storage, stage: str, shards: list[str]) -> dict[str, St
     """A stage's counters per shard, read from its per-shard files on disk."""
     return {s: StageStats.from_dict(storage.read_json(f"{stage}/{s}.stats.json"))
             for s in shards if storage.exists(f"{stage}/{s}.stats.json")}
-
-
-def collect_stats(storage: Storage, stage: str, shards: list[str]) -> StageStats:
-    """A stage's counters merged from its per-shard files on disk."""
-    return merge_all(stage, shard_stats(storage, stage, shards).values())
 
 
 def _run_without_rows(stage: Stage, shards: list[str], progress: Callable[[str], None]) -> None:

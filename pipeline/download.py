@@ -113,7 +113,7 @@ class DownloadStage(Stage):
             schema = schema.append(pa.field(name, kind))
         writer = WebDatasetSampleWriter(shard_id, folder, True, OOM_SHARD_COUNT, schema, cfg.encode_format)
         fetching, encoding = fetch_settings(cfg), encode_settings(cfg)
-        key_digits = math.ceil(math.log10(self.shard_size)) if self.shard_size > 1 else 0
+        key_digits = math.ceil(math.log10(self.shard_size))  # img2dataset's digits for the index
         records = rows.to_pylist()
         counts = {"failed_to_download": 0, "failed_to_resize": 0, "success": 0}
         messages = CappedCounter()

@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.bad_input.cli import assert_user_error, run_filip
+from tests.yaml_bombs import alias_bomb
 
 RUN = "run: {input: urls.csv, output: ignored}\n"
-
-
-def alias_bomb(levels: int = 9, width: int = 9) -> str:
-    """`width ** levels` strings (~387 million) in a few hundred bytes of YAML aliases."""
-    text = "&a0 [" + ", ".join(["lol"] * width) + "]"
-    for level in range(1, levels):
-        text = f"&a{level} [{text}, " + ", ".join([f"*a{level - 1}"] * (width - 1)) + "]"
-    return text
 
 
 # (id, config text after the run section, texts the one error line must contain)

@@ -16,6 +16,7 @@ from filip.config import ConfigError, TrainConfig, config_from_dict, load_config
 from filip.model import ModelConfig
 from pipeline.configtools import Range, field_range, short_repr
 from pipeline.errors import UserError
+from tests.yaml_bombs import alias_bomb
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MINIMAL: dict[str, Any] = {"model": {"preset": "tiny"}, "data": {"shards": "s", "batch_size": 8},
@@ -188,13 +189,6 @@ def _yaml_with(dotted: str, raw: str) -> str:
     return yaml.safe_dump(data, sort_keys=False) + body + f"  {leaf}: {raw}\n"
 
 
-def _alias_bomb(levels: int = 9, width: int = 9) -> str:
-    text = "&a0 [" + ", ".join(["lol"] * width) + "]"
-    for level in range(1, levels):
-        text = f"&a{level} [{text}, " + ", ".join([f"*a{level - 1}"] * (width - 1)) + "]"
-    return text
-
-
 @pytest.mark.parametrize("key, expected", [
     ("optim.lr", "optim.lr: expected float, got list [[[...], [...], [...], [...], ...], "),
     ("data.shards", "data.shards: expected str | list[str], got list [[[...], "),
@@ -203,7 +197,7 @@ def _alias_bomb(levels: int = 9, width: int = 9) -> str:
     ("loss.kind", "loss.kind: expected one of ['filip', 'clip'], got [[[...], "),
 ])
 def test_alias_bomb_fails_fast_with_a_short_message(tmp_path: Path, key: str, expected: str) -> None:
-    path = _write(tmp_path, _yaml_with(key, _alias_bomb()))
+    path = _write(tmp_path, _yaml_with(key, alias_bomb()))
     assert path.stat().st_size < 700
     started = time.monotonic()
     with pytest.raises(ConfigError) as caught:

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import ConfigError, PipelineConfig, config_from_dict, load_config
 from pipeline.configtools import Range, field_range, short_repr
+from tests.yaml_bombs import alias_bomb
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RUN = "run: {input: a.csv, output: out}\n"
@@ -249,14 +250,6 @@ def test_merge_keys_work_and_are_bounded(tmp_path: Path) -> None:
     levels = ["x0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8, i: 9}"]
     levels += [f"x{k}: &m{k} {{<<: [{', '.join([f'*m{k - 1}'] * 9)}]}}" for k in range(1, 9)]
     assert _error(tmp_path, "\n".join(levels) + "\n") == "x4: merge keys (<<) expand to more than 10000 entries"
-
-
-def alias_bomb(levels: int = 9, width: int = 9) -> str:
-    """A flow list of `width ** levels` strings in a few hundred bytes (anchors within one value)."""
-    text = "&a0 [" + ", ".join(["lol"] * width) + "]"
-    for level in range(1, levels):
-        text = f"&a{level} [{text}, " + ", ".join([f"*a{level - 1}"] * (width - 1)) + "]"
-    return text
 
 
 @pytest.mark.parametrize("section, expected", [

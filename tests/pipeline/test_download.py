@@ -213,7 +213,7 @@ def test_trailing_bytes_accepted_and_ignored(hostile_run) -> None:
     assert np.array_equal(_stored(hostile_run, "unicode url"), _stored(hostile_run, "photo"))
 
 
-def test_stats_file_is_img2datasets(hostile_run, tmp_path) -> None:
+def test_stage_counters_match_the_rows(hostile_run) -> None:
     stats = hostile_run["stats"]
     assert stats.rows_in == len(hostile_run["rows"])
     kept = sum(1 for _, status, _ in hostile_run["rows"].values() if status == "kept")
