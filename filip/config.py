@@ -1,26 +1,26 @@
-"""Typed training configuration read from YAML, failing loudly on any missing, unknown, wrongly
-typed or out-of-range key, or a key given twice (the error names the file and the dotted key).
+"""Typed training configuration read from YAML by the pipeline's loader (pipeline/configtools.py
+and pipeline/config_yaml.py): the same checks, the same `--set` overrides and the same one-line
+messages as `filip build`, naming the file and the dotted key.
 
 Ranges are declared on the fields with `ranged(default, "[low, high]")` and choices as `Literal`
-types, the mechanism of the pipeline's loader (pipeline/configtools.py), whose YAML reading and
-value checks this loader shares.
+types. Checks across fields raise `FieldError` from `__post_init__`, named by the key they are about.
 """
 from __future__ import annotations
 
-import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from filip.model import ModelConfig
-from pipeline import configtools
-from pipeline.configtools import (SEED_RANGE, apply_overrides, check_value, clip, describe, field_range,
-                                  ranged, read_yaml, short_key, short_repr, to_float)
+from pipeline.config_yaml import load_yaml
+from pipeline.configtools import SEED_RANGE, ConfigError, FieldError, build, from_mapping, ranged
 
-
-class ConfigError(configtools.ConfigError):
-    """A config file that does not match the schema (a UserError: one line, exit 2)."""
+# ConfigError is the one loader's error type, re-exported for the trainer's callers.
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "LossConfig", "OptimConfig", "RunConfig", "TrainConfig",
+           "config_from_dict", "load_config", "save_config"]
+# The names ModelConfig.preset knows (filip/model.py); a choice, checked like every other one.
+MODEL_PRESETS = ("tiny", "base", "base16", "large")
 
 
 @dataclass
@@ -71,6 +71,10 @@ class OptimConfig:
     # must divide data.batch_size. The result is that of one step over the whole batch.
     accum_steps: int = ranged(1, "[1, inf)")
 
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise FieldError("betas", f"expected two numbers, got {len(self.betas)}")
+
 
 @dataclass
 class RunConfig:
@@ -104,6 +108,22 @@ class EvalConfig:
     max_images: int | None = ranged(None, "[1, inf)")
     batch_size: int = ranged(64, "[1, inf)")
 
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and not (self.zeroshot or self.retrieval):
+            raise FieldError("every_steps", "set, but there is nothing to evaluate: give eval.zeroshot or "
+                                            "eval.retrieval")
+
+
+def _model_section() -> type:
+    """`model:` as a dataclass: a preset plus any ModelConfig field, typed and ranged as there;
+    a field left out (or null) keeps the preset's value."""
+    hints = typing.get_type_hints(ModelConfig)
+    return make_dataclass("ModelSection", [("preset", Literal[MODEL_PRESETS])] + [
+        (f.name, hints[f.name] | None, field(default=None, metadata=f.metadata)) for f in fields(ModelConfig)])
+
+
+ModelSection = _model_section()
+
 
 @dataclass
 class TrainConfig:
@@ -116,6 +136,21 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        self.model = {k: v for k, v in asdict(build(ModelSection, self.model, "model")).items() if v is not None}
+        cfg = self.model_config()
+        # timm builds these only when they divide; the model would fail after the data is set up.
+        if cfg.image_size % cfg.patch_size:
+            raise FieldError("model.patch_size", f"{cfg.patch_size} does not divide model.image_size "
+                                                 f"{cfg.image_size}")
+        for tower in ("vision", "text"):
+            width, heads = getattr(cfg, f"{tower}_width"), getattr(cfg, f"{tower}_heads")
+            if width % heads:
+                raise FieldError(f"model.{tower}_heads", f"{heads} does not divide model.{tower}_width {width}")
+        if self.data.batch_size % self.optim.accum_steps:
+            raise FieldError("optim.accum_steps", f"{self.optim.accum_steps} does not divide data.batch_size "
+                                                  f"{self.data.batch_size}")
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         overrides = {k: v for k, v in self.model.items() if k != "preset"}
         if vocab_size is not None and "vocab_size" not in overrides:
@@ -126,129 +161,13 @@ class TrainConfig:
         return asdict(self)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _check(value: Any, tp: Any, where: str) -> Any:
-    """Return `value` if it matches annotation `tp` (ints pass as floats), else raise.
-
-    A list fails on its first wrong item, so an aliased (YAML bomb) structure is never walked.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check(value, option, where)
-            except configtools.ConfigError:
-                pass
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {describe(value)}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {short_repr(value)}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = typing.get_args(tp)
-            return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict or tp is Any:
-        if tp is Any or isinstance(value, dict):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return to_float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {describe(value)}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names, key=str)
-    if unknown:
-        key = f"{where}.{short_key(unknown[0])}" if where else short_key(unknown[0])
-        raise ConfigError(f"unknown key '{key}' (allowed: {sorted(names)})")
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        key = f"{where}.{f.name}" if where else f.name
-        if f.name not in data:
-            if f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
-                raise ConfigError(f"missing required key '{key}'")
-            continue
-        tp = hints[f.name]
-        if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
-            values[f.name] = _build(tp, data[f.name], key)
-        else:
-            values[f.name] = _check(data[f.name], tp, key)
-            check_value(key, values[f.name], field_range(f))
-    return cls(**values)
-
-
-def _check_model_section(section: dict[str, Any]) -> None:
-    """`model:` holds a preset name and ModelConfig fields to override: each typed and ranged."""
-    if "preset" not in section:
-        raise ConfigError("missing required key 'model.preset'")
-    hints = typing.get_type_hints(ModelConfig)
-    model_fields = {f.name: f for f in fields(ModelConfig)}
-    for key, value in section.items():
-        if key == "preset":
-            _check(value, str, "model.preset")
-            continue
-        if key not in hints:
-            raise ConfigError(f"unknown key 'model.{short_key(key)}' (allowed: preset, {sorted(hints)})")
-        section[key] = _check(value, hints[key], f"model.{key}")
-        check_value(f"model.{key}", section[key], field_range(model_fields[key]))
-    overrides = {k: v for k, v in section.items() if k != "preset"}
-    try:
-        cfg = ModelConfig.preset(section["preset"], **overrides)
-    except ValueError as error:
-        raise ConfigError(f"model.preset: {clip(str(error))}") from None
-    # timm builds these only when they divide; the model would fail after the data is set up.
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"model.patch_size: {cfg.patch_size} does not divide model.image_size "
-                          f"{cfg.image_size}")
-    for tower in ("vision", "text"):
-        width, heads = getattr(cfg, f"{tower}_width"), getattr(cfg, f"{tower}_heads")
-        if width % heads:
-            raise ConfigError(f"model.{tower}_heads: {heads} does not divide model.{tower}_width {width}")
-
-
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
-    try:
-        cfg: TrainConfig = _build(TrainConfig, data, "")
-        _check_model_section(cfg.model)
-        if len(cfg.optim.betas) != 2:
-            raise ConfigError(f"optim.betas: expected two numbers, got {len(cfg.optim.betas)}")
-        if cfg.eval.every_steps is not None and not (cfg.eval.zeroshot or cfg.eval.retrieval):
-            raise ConfigError("eval.every_steps: set, but there is nothing to evaluate: "
-                              "give eval.zeroshot or eval.retrieval")
-        if cfg.data.batch_size % cfg.optim.accum_steps:
-            raise ConfigError(f"optim.accum_steps: {cfg.optim.accum_steps} does not divide "
-                              f"data.batch_size {cfg.data.batch_size}")
-    except configtools.ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
-    return cfg
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    return from_mapping(TrainConfig, data, source)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML train config. `overrides` maps dotted keys ('run.max_steps') to values."""
-    try:
-        data = read_yaml(path)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        apply_overrides(data, overrides, str(path))
-    except configtools.ConfigError as error:
-        raise ConfigError(str(error)) from None
-    return config_from_dict(data, str(path))
+    return load_yaml(TrainConfig, path, overrides)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

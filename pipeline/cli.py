@@ -7,7 +7,9 @@ import os
 import re
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
+
+from pipeline.config_yaml import add_set_option
 
 DESCRIPTION = """\
 Build FILIP300M-style image-text corpora on Ray and pre-train FILIP on them.
@@ -43,17 +45,17 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="override run.input (URL list: Parquet, CSV, TSV or JSON Lines)")
     p.add_argument("--output", help="override run.output (local folder or s3://, gs:// URL)")
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    add_set_option(p)
     p.set_defaults(func=_run_build)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    out = {}
-    if getattr(args, "input", None):
-        out["run.input"] = args.input
-    if getattr(args, "output", None):
-        out["run.output"] = args.output
-    if getattr(args, "ray_address", None):
-        out["run.ray_address"] = args.ray_address
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Every `--set KEY=VALUE` in order, then the shortcuts --input, --output and --ray-address."""
+    from pipeline.config_yaml import parse_set_options
+
+    out = parse_set_options(args.set)
+    shortcuts = {"run.input": args.input, "run.output": args.output, "run.ray_address": args.ray_address}
+    out.update({key: value for key, value in shortcuts.items() if value})
     return out
 
 
@@ -102,13 +104,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="config to use (default: configs/demo.yaml)")
     p.add_argument("--skip-train", action="store_true", help="stop after the corpus is built")
     p.add_argument("--steps", type=int, default=60, help="training steps of the tiny model (default 60)")
+    add_set_option(p)  # the corpus config's keys; run.input and run.output are the demo's own
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from pipeline.config_yaml import parse_set_options
     from pipeline.demo import run_demo
 
-    return run_demo(args.output, args.config, train=not args.skip_train, steps=args.steps)
+    return run_demo(args.output, args.config, train=not args.skip_train, steps=args.steps,
+                    overrides=parse_set_options(args.set))
 
 
 def _add_retry(sub: argparse._SubParsersAction) -> None:

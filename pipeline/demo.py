@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REPO_CONFIG = CONFIGS / "demo.yaml"
@@ -23,7 +24,9 @@ def _build_tiny_translation_models(folder: Path, captions: list[str]) -> dict[st
     return build_tiny_marian_models(folder, captions)
 
 
-def build_demo_corpus(out: Path, config_path: str | None = None) -> dict:
+def build_demo_corpus(out: Path, config_path: str | None = None,
+                      overrides: dict[str, Any] | None = None) -> dict:
+    """Build the corpus of the sample web; `overrides` (dotted keys, as `--set`) apply to the config."""
     from pipeline.build import build
     from pipeline.config import load_config
     from pipeline.demo_web import generate_sample_web, write_url_list
@@ -32,18 +35,21 @@ def build_demo_corpus(out: Path, config_path: str | None = None) -> dict:
     from pipeline.testweb import serve_web
 
     start = time.perf_counter()
+    config_file = Path(config_path) if config_path else REPO_CONFIG
+    # A mistake in the config or a --set fails here, before the sample web and models are made.
+    load_config(config_file, {**(overrides or {}), "run.input": "urls.csv", "run.output": str(out)})
     # The sample web's port changes every run, so a demo always starts from a clean folder.
     shutil.rmtree(out, ignore_errors=True)
     web = out.parent / f"{out.name}-web"
     shutil.rmtree(web, ignore_errors=True)
     rows = generate_sample_web(web / "files")
     models = _build_tiny_translation_models(web / "models", [r["caption"] for r in rows])
-    config_file = Path(config_path) if config_path else REPO_CONFIG
     with serve_web(web / "files", slow_seconds=4.0) as base_url:
         write_url_list(rows, base_url, web / "urls.csv")
-        overrides = {"run.input": str(web / "urls.csv"), "run.output": str(out)}
-        overrides.update({f"backtranslation.models.{d}": p for d, p in models.items()})
-        config = load_config(config_file, overrides)
+        # The user's overrides first: the sample web's list, the output and the tiny models win.
+        settings = {**(overrides or {}), "run.input": str(web / "urls.csv"), "run.output": str(out)}
+        settings.update({f"backtranslation.models.{d}": p for d, p in models.items()})
+        config = load_config(config_file, settings)
         print(f"demo: {len(rows) + 3} URLs on {base_url}, output in {out}")
         summary = build(config)
     print()
@@ -77,9 +83,9 @@ def train_and_evaluate(out: Path, steps: int) -> None:
 
 
 def run_demo(output: str = "demo-output", config_path: str | None = None, train: bool = True,
-             steps: int = 60) -> int:
+             steps: int = 60, overrides: dict[str, Any] | None = None) -> int:
     out = Path(output).resolve()
-    build_demo_corpus(out, config_path)
+    build_demo_corpus(out, config_path, overrides)
     if train:
         train_and_evaluate(out, steps)
     return 0

@@ -117,17 +117,31 @@ def test_every_choice_is_checked_at_load(key: str, choices: list[str]) -> None:
     ("optim.betas", [0.9, 1.0], "optim.betas[1]: 1.0 is out of range [0, 1)"),
     ("optim.betas", [0.9], "optim.betas: expected two numbers, got 1"),
     ("optim.grad_clip", float("nan"), "optim.grad_clip: nan is out of range (0, inf)"),
-    ("run.max_steps", "ten", "run.max_steps: expected int, got str 'ten'"),
+    ("run.max_steps", "ten", "run.max_steps: expected an integer, got str 'ten'"),
     ("model.mlp_ratio", -1, "model.mlp_ratio: -1.0 is out of range (0, 64]"),
     ("model.patch_size", 15, "model.patch_size: 15 does not divide model.image_size 64"),
     ("model.text_heads", 3, "model.text_heads: 3 does not divide model.text_width 64"),
-    ("model.preset", "huge", "model.preset: unknown model preset 'huge'; choose from "
-                             "['base', 'base16', 'large', 'tiny']"),
-    ("model.vision_width", "wide", "model.vision_width: expected int, got str 'wide'"),
-    ("model.depth", 3, "unknown key 'model.depth' (allowed: preset, ['context_length', "),
+    ("model.preset", "huge", "model.preset: expected one of ['tiny', 'base', 'base16', 'large'], got 'huge'"),
+    ("model.vision_width", "wide", "model.vision_width: expected an integer, got str 'wide'"),
+    ("model.depth", 3, "unknown key model.depth (known keys here: context_length, count_special_tokens, "),
+    ("model.vision_layer", 3, "unknown key model.vision_layer, did you mean model.vision_layers? (known keys "),
+    ("model.preset", None, "model.preset: expected one of ['tiny', 'base', 'base16', 'large'], got None"),
 ])
 def test_bad_values_name_file_key_value_and_range(key: str, value: Any, expected: str) -> None:
     assert _message(_with(key, value)).startswith(f"x.yaml: {expected}")
+
+
+def test_a_model_field_left_out_or_null_keeps_the_presets_value() -> None:
+    config = config_from_dict(_with("model.vision_layers", None))
+    assert config.model == {"preset": "tiny"}
+    assert config.model_config().vision_layers == ModelConfig.preset("tiny").vision_layers == 2
+    assert config_from_dict(_with("model.vision_layers", 1)).model == {"preset": "tiny", "vision_layers": 1}
+
+
+def test_every_preset_name_is_one_model_config_knows() -> None:
+    from filip.config import MODEL_PRESETS
+
+    assert [ModelConfig.preset(name).image_size for name in MODEL_PRESETS] == [64, 224, 224, 224]
 
 
 def test_range_ends_are_allowed() -> None:
@@ -166,7 +180,7 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML: line 1, column 8: could not determine "
                                           r"a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'$"):
         load_config(_write(tmp_path, "model: !!python/name:os.system ''\n"))
-    with pytest.raises(ConfigError, match=r"bad\.yaml: expected a mapping at the top level$"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: the top level: expected a mapping, got list \['a'\]$"):
         load_config(_write(tmp_path, "- a\n"))
 
 
@@ -190,10 +204,10 @@ def _yaml_with(dotted: str, raw: str) -> str:
 
 
 @pytest.mark.parametrize("key, expected", [
-    ("optim.lr", "optim.lr: expected float, got list [[[...], [...], [...], [...], ...], "),
-    ("data.shards", "data.shards: expected str | list[str], got list [[[...], "),
-    ("optim.betas", "optim.betas[0]: expected float, got list [[[...], "),
-    ("model.embed_dim", "model.embed_dim: expected int, got list [[[...], "),
+    ("optim.lr", "optim.lr: expected a number, got list [[[...], [...], [...], [...], ...], "),
+    ("data.shards", "data.shards[0]: expected a string, got list [[[...], "),  # the list's item
+    ("optim.betas", "optim.betas[0]: expected a number, got list [[[...], "),
+    ("model.embed_dim", "model.embed_dim: expected an integer, got list [[[...], "),
     ("loss.kind", "loss.kind: expected one of ['filip', 'clip'], got [[[...], "),
 ])
 def test_alias_bomb_fails_fast_with_a_short_message(tmp_path: Path, key: str, expected: str) -> None:
