@@ -1,0 +1,163 @@
+"""`filip build` on a Ray cluster of three nodes on this machine, one worker node removed in the
+middle of the download stage: the build completes and its decisions and final shards equal a
+single-node run's on the same input.
+
+The build runs as a subprocess that joins the cluster with --ray-address (this process already
+has the session's own Ray). Input and output live on the S3 test server, so nothing is shared
+through local disk; the nodes and the build reach the server through the environment
+(tests/s3_server.py). The workers import the project from the installed package.
+"""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from pipeline.configtools import to_dict
+from pipeline.storage import Storage
+from tests.pipeline.conftest import make_config
+
+# 7 shards of 8 rows: a stage outlasts a node's removal. The duplicate search runs on the cluster,
+# reading the bucket (make_config sets single_machine_max_rows 0).
+SETTINGS = {"unsafe": {"enabled": False}, "run": {"shard_size": 8}}
+BUILD_TIMEOUT = 420
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch) -> Iterator[tuple[object, list]]:
+    """A head and two worker nodes of one CPU each: one actor of a stage per node."""
+    from ray.cluster_utils import Cluster
+
+    # The cluster's address file and sockets go here, not in /tmp/ray: a plain ray.init() elsewhere
+    # on this machine (other tests, other users) would otherwise join this cluster while it runs.
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths are limited to 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, connect=False,
+                          head_node_args={"num_cpus": 1, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes(timeout=60)
+        yield cluster, workers
+    finally:
+        # Node by node: Cluster.shutdown() would also reset this process's own Ray client state.
+        if cluster is not None:
+            for node in list(cluster.worker_nodes):
+                cluster.remove_node(node)
+            if cluster.head_node is not None:
+                cluster.remove_node(cluster.head_node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def read_decisions(storage: Storage) -> list[dict]:
+    """Every row's decision, from `decisions.parquet` or the per-shard `decisions/` folder."""
+    if storage.exists("decisions.parquet"):
+        table = storage.read_parquet("decisions.parquet")
+    else:
+        table = pa.concat_tables([storage.read_parquet(rel) for rel in storage.glob("decisions/*.parquet")])
+    return sorted(table.to_pylist(), key=lambda row: row["row_id"])
+
+
+def shard_members(storage: Storage) -> dict[str, list[str]]:
+    """The member names of each final shard (a key and an extension per file)."""
+    members = {}
+    for rel in storage.glob("shards/*.tar"):
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(rel))) as archive:
+            members[rel] = sorted(m.name for m in archive if m.isfile())
+    return members
+
+
+def start_build(config_path: Path, address: str, cwd: Path) -> tuple[subprocess.Popen, queue.Queue]:
+    """`filip build` joining `address`, run away from the repository (the installed package is
+    used); its output lines arrive on the returned queue, None at the end."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_ALBUMENTATIONS_UPDATE="1")
+    env.pop("PYTHONPATH", None)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", str(config_path),
+                                "--ray-address", address], cwd=cwd, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return process, lines
+
+
+def read_until(lines: queue.Queue, seen: list[str], needle: str | None, deadline: float) -> bool:
+    """Move output lines to `seen` until one holds `needle` (True), the output ends or the
+    deadline passes (False). `needle` None: read to the end."""
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            return False
+        if line is None:
+            return False
+        seen.append(line)
+        if needle is not None and needle in line:
+            return True
+    return False
+
+
+@pytest.fixture
+def single_node_run(s3_bucket: str, url_list, ray_session) -> tuple[str, str]:
+    """The URL list uploaded to a fresh bucket, and a build of it on this process's one-node Ray:
+    (input URL, bucket prefix); the build's output is under `<prefix>/single`."""
+    from pipeline.build import build
+
+    storage = Storage(s3_bucket)
+    storage.write_bytes("input/urls.csv", Path(url_list[0]).read_bytes())
+    input_url = storage.full_url("input/urls.csv")
+    build(make_config(input_url, f"{s3_bucket}/single", **SETTINGS), progress=lambda message: None)
+    return input_url, s3_bucket
+
+
+def test_build_survives_a_node_removed_mid_stage(single_node_run, ray_cluster, tmp_path) -> None:
+    input_url, bucket = single_node_run
+    cluster, workers = ray_cluster
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(to_dict(make_config(input_url, f"{bucket}/multi", **SETTINGS))))
+    process, lines = start_build(config_path, cluster.address, tmp_path)
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + BUILD_TIMEOUT
+        assert read_until(lines, seen, "[download] shard", deadline), "\n".join(seen[-40:])
+        cluster.remove_node(workers[0])  # mid-stage: the other shards of the stage are in flight
+        read_until(lines, seen, None, deadline)
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+            process.wait(timeout=30)
+    output = "\n".join(seen)
+    assert process.returncode == 0, output[-4000:]
+    removed_at = next(i for i, line in enumerate(seen) if "[download] shard" in line)
+    assert any("[download] shard" in line for line in seen[removed_at + 1:]), "removed after the stage"
+
+    reference, multi = Storage(f"{bucket}/single"), Storage(f"{bucket}/multi")
+    assert read_decisions(multi) == read_decisions(reference)
+    assert shard_members(multi) == shard_members(reference) != {}
+    # The node's download actor was lost: in the middle of a shard (almost always: 4 shards were
+    # still queued), which is then retried and counted in the stage's stats, or while starting.
+    stats = multi.read_json("stats.json")
+    download = next(s for s in stats["stages"] if s["stage"] == "download")
+    deaths = sum("[download] actor died on shard" in line for line in seen)
+    start_deaths = sum("[download] an actor died while starting" in line for line in seen)
+    assert deaths + start_deaths >= 1, output[-4000:]
+    assert download["counters"].get("retries", 0) == deaths, output[-4000:]
