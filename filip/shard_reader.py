@@ -19,11 +19,24 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped
 Located = tuple[int, int, int, dict[str, Any]]  # index, offset of its first header, offset after it, sample
 
 
+def is_object_url(spec: str) -> bool:
+    """A URL that fsspec opens (s3://, gs://, ...); local paths, http(s) and `pipe:` stay webdataset's."""
+    scheme = spec.split("://", 1)[0] if "://" in spec else ""
+    return bool(scheme) and scheme not in ("file", "http", "https")
+
+
 @contextlib.contextmanager
 def _open(url: str) -> Iterator[tuple[tarfile.TarFile, IO[bytes]]]:
-    from webdataset.gopen import gopen  # a local path is open(); pipe:, http: ... as in webdataset
+    if is_object_url(url):
+        import fsspec
 
-    stream = gopen(url)
+        # An object store (s3://, gs://): fsspec's file seeks by ranged reads, so a resumed
+        # loader reads the buffered samples, not the shard up to them.
+        stream = fsspec.open(url, "rb").open()
+    else:
+        from webdataset.gopen import gopen  # a local path is open(); pipe:, http: ... as in webdataset
+
+        stream = gopen(url)
     try:
         # A pipe can only be read through; a file is read by seeking from header to header.
         with tarfile.open(fileobj=stream, mode="r:" if stream.seekable() else "r|") as tar:

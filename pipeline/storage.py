@@ -30,13 +30,38 @@ class StorageError(UserError):
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec's filesystem and path for `url`; a missing filesystem package is the user's to install."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
+    # No listing cache on object stores: workers and the driver write and read the same folders,
+    # and a listing cached before another process wrote a `.done` marker would hide it.
+    options = {} if protocol in ("file", "local") else {"use_listings_cache": False}
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError:
         package = FILESYSTEM_PACKAGES.get(protocol, f"the fsspec filesystem for {protocol}://")
         raise StorageError(f"{url}: install {package} to use {protocol}:// paths") from None
     except ValueError as err:  # fsspec's "Protocol not known"
         raise StorageError(f"{url}: {err}") from None
+
+
+def arrow_filesystem(urls: list[str]) -> tuple[Any, list[str]]:
+    """pyarrow's filesystem for `urls` (all on one filesystem) and the paths to give it, for
+    `pyarrow.dataset.dataset(paths, filesystem=...)` and `ray.data.read_parquet`: given a list of
+    `s3://` URLs without a filesystem, pyarrow refuses them. Object stores are reached through
+    fsspec, so pyarrow uses the endpoint, credentials and options every other reader here uses.
+    Local paths get None: pyarrow's own local filesystem."""
+    if not urls:
+        return None, []
+    fs, _ = url_to_fs(urls[0])
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return None, list(urls)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    paths = []
+    for url in urls:
+        other, path = url_to_fs(url)
+        if type(other) is not type(fs):
+            raise StorageError(f"{url}: not on the filesystem of {urls[0]}; one read spans one filesystem")
+        paths.append(path)
+    return PyFileSystem(FSSpecHandler(fs)), paths
 
 
 class Storage:
