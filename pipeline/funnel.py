@@ -38,6 +38,13 @@ def format_funnel(summary: dict) -> str:
         last = summary["stages"][-1]["rows_out"]
         lines.append("-" * WIDTH)
         lines.append(f"{'kept overall':<22}{first_in:>12,}{last:>12,}{_pct(last, first_in):>8}")
+    # The steps after the stages (decisions, final shards) take time but drop nothing.
+    for step in summary.get("steps", []):
+        lines.append(f"{'step: ' + step['stage']:<22}{step['rows_in']:>12,}{step['rows_out']:>12,}"
+                     f"{'':>8}{step['seconds']:>10.1f}")
+        for name, value in sorted(step.get("counters", {}).items()):
+            label = f"  {name}"
+            lines.append(f"{label[:46]:<46}{value:>12,}")
     return "\n".join(lines)
 
 

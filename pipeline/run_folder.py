@@ -22,8 +22,8 @@ CONFIG_FILE = "config.resolved.yaml"
 RESUMABLE_KEYS = {"run.ray_address"}
 # What a build writes at the top of its output folder: removed when a corrected config takes over a
 # run that completed no shard (a partial shard of the old run must not reach the new run's report).
-RUN_ENTRIES = ("input", "download", "inspect", "dedup", "unsafe", "backtranslate", "shards",
-               "decisions.parquet", "stats.json", "manifest.json", CONFIG_FILE)
+RUN_ENTRIES = ("input", "download", "inspect", "dedup", "unsafe", "backtranslate", "shards", "shards_parquet",
+               "_shuffle", "decisions", "decisions.parquet", "stats.json", "manifest.json", CONFIG_FILE)
 SHOWN_DIFFERENCES = 6
 SHOWN_VALUE_CHARS = 60
 

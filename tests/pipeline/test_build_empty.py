@@ -1,5 +1,5 @@
 """A build with no row left completes: an empty URL list, every row refused at input, failing to
-download, or dropped by inspect. It writes decisions.parquet with every row's status, stats.json and
+download, or dropped by inspect. It writes decisions/ with every row's status, stats.json and
 a manifest of zero shards, and `filip stats` reads it. A shard whose rows all failed beside one that
 keeps rows is searched for duplicates and sharded without the empty one."""
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_build_with_no_row_left_completes(case, small_web, tmp_path, ray_session
                          shards={"tokenizer_vocab_size": 300})
     summary = build(config, progress=said.append)
 
-    decisions = pq.read_table(out / "decisions.parquet").to_pylist()
+    decisions = pq.read_table(out / "decisions").sort_by("row_id").to_pylist()
     assert [(d["row_id"], d["url"]) for d in decisions] == list(enumerate(urls))
     assert {(d["status"], d["stage"], d["reason"]) for d in decisions} == ({outcome} if urls else set())
     stats = json.loads((out / "stats.json").read_text())
@@ -107,12 +107,12 @@ def test_shard_with_no_row_left_beside_a_kept_one(small_web, tmp_path, ray_sessi
                          unsafe={"enabled": False}, dedup={"single_machine_max_rows": 100})
     summary = build(config, progress=lambda msg: None)
 
-    decisions = pq.read_table(out / "decisions.parquet").to_pylist()
+    decisions = pq.read_table(out / "decisions").sort_by("row_id").to_pylist()
     assert [(d["status"], d["reason"]) for d in decisions] == [
         ("failed_download", "connection_refused"), ("failed_download", "connection_refused"),
         ("kept", None), ("kept", None)]
     assert summary["final_shards"] == {"shards": 1, "samples": 2}
     dedup = next(s for s in summary["stages"] if s["stage"] == "dedup")
     assert (dedup["rows_in"], dedup["counters"]["search_rows"]) == (2, 2)
-    shard = pq.read_table(out / "shards" / "00000.parquet")
+    shard = pq.read_table(out / "shards_parquet" / "00000.parquet")
     assert sorted(shard["url"].to_pylist()) == urls[2:]

@@ -197,7 +197,7 @@ def test_report_renders_with_stages_missing(tmp_path: Path) -> None:
     write_html_report(str(output), str(html))
     text = html.read_text()
     assert "stage dedup: no row files" in text and "stage unsafe: no row files" in text
-    assert "decisions.parquet: missing" in text and "back-translation stage was skipped" in text
+    assert "decisions/: missing" in text and "back-translation stage was skipped" in text
     assert 'id="hist-width"' in text and 'id="hist-cluster"' not in text
     assert text.count("no samples") == 3  # dedup's samples went with its folder; inspect's remain
 
