@@ -11,9 +11,9 @@ has about log2(n) bits: buckets then hold O(1) random items and the work is line
 Every candidate is verified by its exact Hamming distance; edges go to an array union-find; each
 cluster keeps one representative (largest original pixel area, ties to the smallest key).
 
-The building blocks (:func:`plan_tables`, :func:`table_keys`, :func:`sorted_bucket_pairs`,
-:func:`bucket_pairs`, :class:`UnionFind`, :func:`resolve_clusters`) are shared with the Ray path in
-``pipeline/dedup.py``, so both give the same clusters and the same counters.
+The building blocks (:func:`plan_tables`, :func:`distinct_hashes`, :func:`search_tables`,
+:class:`UnionFind`, :func:`choose_representatives`, :func:`duplicate_reasons`) are shared with the
+distributed search in ``pipeline/dedup.py``, so both give the same clusters and the same counters.
 """
 from __future__ import annotations
 
@@ -433,42 +433,48 @@ def resolve_clusters(keys: np.ndarray, area: np.ndarray, first: np.ndarray, seco
     return DedupResult(keys, representative, cluster_size, reasons, dict(counters or {}))
 
 
-def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = None, threads: int = 1
-               ) -> tuple[np.ndarray, np.ndarray, PairCounters]:
-    """All pairs of items within the threshold, over every table, as item indices.
+def distinct_hashes(phash: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct hashes, ascending, the item heading each, and the links of the other items.
 
-    Equal hashes are collapsed first (they are distance 0, linked directly), so tables only see
-    distinct hashes; their ids follow ascending hash order, which makes the bucket cap deterministic.
+    Equal hashes are distance 0: each item repeating a hash is linked to the item heading it, so the
+    tables only see distinct hashes, in ascending order, which makes the bucket cap deterministic.
+    Returns (values, head_item, link_first, link_second).
     """
     phash = np.asarray(phash, np.int64)
     # Which of several equal hashes heads them does not matter (they are all linked to it), so the
     # faster unstable argsort is enough; it is still deterministic.
     order = np.argsort(phash)
     sorted_hashes = phash[order]
-    new_value = np.concatenate(([True], sorted_hashes[1:] != sorted_hashes[:-1]))
-    values = sorted_hashes[new_value]
+    new_value = np.concatenate((np.ones(min(1, phash.size), bool), sorted_hashes[1:] != sorted_hashes[:-1]))
     head_item = order[new_value]
-    # Items repeating a hash are linked to the first item holding it.
     value_of_sorted = np.cumsum(new_value) - 1
-    first = [head_item[value_of_sorted[~new_value]]]
-    second = [order[~new_value]]
+    return sorted_hashes[new_value], head_item, head_item[value_of_sorted[~new_value]], order[~new_value]
+
+
+def search_tables(values: np.ndarray, specs: list[TableSpec], table_ids: list[int], config: DedupConfig,
+                  once: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray, PairCounters]:
+    """Verified pairs of the tables ``table_ids`` of the plan ``specs`` over the distinct ascending
+    hashes ``values``, as positions in ``values``, and the counters of those tables.
+
+    With ``once`` a pair comes back only from the first table of the whole plan whose key blocks it
+    agrees on (so searching disjoint shares of the tables, on any machines, returns each pair once);
+    without, every table returns every pair it verifies.
+    """
     # numba compiles on first use (cached on disk after); imported here so that importing this
-    # module stays cheap for the Ray path and the CLI.
+    # module stays cheap for the CLI.
     from filters.dedup_kernel import partition_bits, table_pairs
 
+    values = np.asarray(values, np.int64)
     sorted_bits = values.view(np.uint64)
-    specs = plan_tables(config.hamming_threshold, n_items or phash.size, config.tables)
     # One set of work buffers per thread: fresh pages cost a fault each, which is most of a pass.
     local = threading.local()
-
-    # Each pair is returned by the first table (in plan order) whose key blocks it agrees on,
-    # described to the kernel as block masks over the plan's layout.
+    # The plan's tables as block masks over its layout, for the kernel's "found earlier" test.
     layout = sorted({block for spec in specs for block in spec.blocks}, reverse=True)
     layout_shifts = np.array([shift for shift, _ in layout], np.uint64)
     layout_widths = np.array([width for _, width in layout], np.uint64)
     table_masks = np.array([sum(1 << layout.index(block) for block in spec.blocks) for spec in specs], np.uint64)
 
-    def one_table(spec: TableSpec, once: bool) -> tuple[np.ndarray, np.ndarray, PairCounters]:
+    def one_table(spec: TableSpec) -> tuple[np.ndarray, np.ndarray, PairCounters]:
         if not hasattr(local, "buffers"):
             local.buffers = [np.empty(values.size, np.uint64) for _ in range(4)]
         shifts = np.array([shift for shift, _ in spec.blocks], np.uint64)
@@ -478,29 +484,36 @@ def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = Non
             sorted_bits, shifts, widths, spec.key_bits, partition_bits(values.size, spec.key_bits),
             config.hamming_threshold, config.bucket_cap, *local.buffers, layout_shifts, layout_widths, earlier)
         # The kernel returns hash values; 'values' is sorted, so their positions are a binary search.
-        pair_first = np.searchsorted(values, pair_first.view(np.int64))
-        pair_second = np.searchsorted(values, pair_second.view(np.int64))
-        table_counters = PairCounters(*(int(count) for count in found))
-        return head_item[pair_first], head_item[pair_second], table_counters
+        return (np.searchsorted(values, pair_first.view(np.int64)), np.searchsorted(values, pair_second.view(np.int64)),
+                PairCounters(*(int(count) for count in found)))
 
-    def all_tables(once: bool) -> tuple[list[np.ndarray], list[np.ndarray], PairCounters]:
-        found_first, found_second, counters = [], [], PairCounters()
-        # The compiled tables release the GIL, so tables overlap on threads without copies.
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for pair_first, pair_second, table_counters in pool.map(lambda spec: one_table(spec, once), specs):
-                counters.add(table_counters)
-                found_first.append(pair_first)
-                found_second.append(pair_second)
-        return found_first, found_second, counters
+    found_first, found_second, counters = [np.empty(0, np.int64)], [np.empty(0, np.int64)], PairCounters()
+    # The compiled tables release the GIL, so tables overlap on threads without copies.
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for pair_first, pair_second, table_counters in pool.map(one_table, [specs[i] for i in table_ids]):
+            counters.add(table_counters)
+            found_first.append(pair_first)
+            found_second.append(pair_second)
+    return np.concatenate(found_first), np.concatenate(found_second), counters
 
-    near_first, near_second, counters = all_tables(once=True)
+
+def near_pairs(phash: np.ndarray, config: DedupConfig, n_items: int | None = None, threads: int = 1
+               ) -> tuple[np.ndarray, np.ndarray, PairCounters]:
+    """All pairs of items within the threshold, over every table, as item indices.
+
+    Equal hashes are collapsed first (:func:`distinct_hashes`); each near pair comes back once,
+    from the first table in plan order that shares it (:func:`search_tables`).
+    """
+    values, head_item, link_first, link_second = distinct_hashes(phash)
+    specs = plan_tables(config.hamming_threshold, n_items or np.asarray(phash).size, config.tables)
+    every_table = list(range(len(specs)))
+    first, second, counters = search_tables(values, specs, every_table, config, once=True, threads=threads)
     if counters.capped_buckets:
         # A capped bucket may have left out a pair that its first table would have returned;
         # rare (flat images), so then every table returns every pair it verifies.
-        near_first, near_second, counters = all_tables(once=False)
-    first += near_first
-    second += near_second
-    return np.concatenate(first), np.concatenate(second), counters
+        first, second, counters = search_tables(values, specs, every_table, config, once=False, threads=threads)
+    return (np.concatenate((link_first, head_item[first])), np.concatenate((link_second, head_item[second])),
+            counters)
 
 
 def find_duplicates(keys: np.ndarray, sha256: np.ndarray | None, phash: np.ndarray, area: np.ndarray,

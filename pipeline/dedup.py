@@ -1,16 +1,14 @@
-"""Global duplicate search over many parquet shards with Ray Data.
+"""Global duplicate search over many parquet shards: distributed on Ray, or in this process.
 
-Every row (of any shard, whatever worker reads it) is exploded into one record per multi-index
-table; records are grouped by Ray's shuffle (``groupby(...).map_groups(...)``), so all rows that
-share a bucket meet in one call, pairs are verified by exact Hamming distance there, and only the
-small verified edge list comes back to the driver for the union-find. Exact sha256 duplicates are
-grouped the same way.
-
-A map_groups call costs a Python call, so records are not grouped by bucket (millions of tiny
-groups) but by a hash of the bucket into ``n_groups`` partitions of about ``records_per_group``
-records; inside a partition the buckets are separated with one vectorised sort
-(:func:`filters.dedup.bucket_pairs`). The result equals :func:`filters.dedup.find_duplicates` on
-the same rows: same tables, same capping order (ascending hash), same counters.
+The distributed search (:func:`find_duplicates_distributed`) moves no rows through the driver and
+shuffles no records: Ray tasks (steps in ``pipeline/dedup_tasks.py``) read groups of shards and put
+each kept row's pHash in the object store once (8 bytes, plus its 8-byte row number while sorting);
+range tasks sort the distinct hashes; each search task maps that one sorted array from the object
+store (no copy) and searches its share of the multi-index tables (``filters.dedup.plan_tables``)
+with the compiled single-machine kernel, returning only its verified pairs; exact sha256 copies
+are found per hash part of the sha256 values; one task joins all pairs in a union-find, and the
+group tasks write each shard's verdict. It returns exactly what the in-driver search
+(:func:`find_duplicates_in_driver`) returns: the same tables, capping order and counters.
 
 Which rows drop, and why (column ``dup_reason``):
 
@@ -26,92 +24,30 @@ Which rows drop, and why (column ``dup_reason``):
 """
 from __future__ import annotations
 
+import functools
 import math
-import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset  # noqa: F401 (pa.dataset)
-import pyarrow.parquet as pq
 
 from filters.caption import normalize_caption
-from filters.dedup import (DedupConfig, PairCounters, bucket_pairs, exact_pairs, hex_prefix, near_pairs,
-                           plan_tables, resolve_clusters, table_keys)
+from filters.dedup import (
+    DedupConfig,
+    exact_pairs,
+    near_pairs,
+    plan_tables,
+    resolve_clusters,
+)
+from pipeline import dedup_tasks
+from pipeline.dedup_tasks import read_kept
 
 COLUMNS = ["key", "sha256", "phash", "original_width", "original_height", "caption"]
 _COUNTERS = ("candidate_pairs", "verified_pairs", "capped_buckets", "capped_items")
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing spreads buckets evenly over the groups
-
-
-def _group_of(values: np.ndarray, n_groups: int) -> np.ndarray:
-    mixed = values.astype(np.uint64) * _MIX
-    return ((mixed >> np.uint64(32)) % np.uint64(n_groups)).astype(np.int64)
-
-
-def _explode(batch: dict[str, np.ndarray], threshold: int, n_items: int, max_tables: int | None,
-             n_groups: int, first_table: int = 0, last_table: int | None = None) -> dict[str, np.ndarray]:
-    all_specs = plan_tables(threshold, n_items, max_tables)
-    table_bits = max(1, (len(all_specs) - 1).bit_length())
-    # One shift for all tables: keys of different widths must not collide across tables.
-    key_bits = max(spec.key_bits for spec in all_specs)
-    if key_bits + table_bits > 63:
-        raise ValueError("bucket key and table id do not fit one int64")
-    specs = all_specs[first_table:last_table]
-    phash = batch["phash"].astype(np.int64)
-    buckets = [(np.int64(spec.table_id) << np.int64(key_bits)) | table_keys(phash, spec).astype(np.int64)
-               for spec in specs]
-    bucket = np.concatenate(buckets) if buckets else np.empty(0, np.int64)
-    return {"group": _group_of(bucket, n_groups), "bucket": bucket,
-            "table": np.repeat(np.array([spec.table_id for spec in specs], dtype=np.int64), phash.size),
-            "key": np.tile(batch["key"].astype(str), len(specs)), "phash": np.tile(phash, len(specs))}
-
-
-def _edges_table(first: list[str], second: list[str], counters: PairCounters) -> pa.Table:
-    # The counters ride on one extra row with null keys, so they add up through Ray like data.
-    values = counters.to_dict()
-    size = len(first) + 1
-    columns = {"key_a": pa.array(list(first) + [None], pa.string()),
-               "key_b": pa.array(list(second) + [None], pa.string())}
-    for name in _COUNTERS:
-        columns[name] = pa.array([0] * (size - 1) + [values[name]], pa.int64())
-    return pa.table(columns)
-
-
-def _near_edges(group: dict[str, np.ndarray], threshold: int, cap: int) -> pa.Table:
-    keys, items = np.unique(group["key"].astype(str), return_inverse=True)
-    first, second, chain_first, chain_second, chain_bucket, counters = bucket_pairs(
-        group["bucket"], items, group["phash"], threshold, cap)
-    # Equal hashes meet in every table; linking them once (table 0) is enough.
-    chained = _table_of_bucket(group, chain_bucket) == 0
-    first = np.concatenate((first, chain_first[chained]))
-    second = np.concatenate((second, chain_second[chained]))
-    return _edges_table(keys[first].tolist(), keys[second].tolist(), counters)
-
-
-def _table_of_bucket(group: dict[str, np.ndarray], buckets: np.ndarray) -> np.ndarray:
-    order = np.argsort(group["bucket"], kind="stable")
-    positions = np.searchsorted(group["bucket"][order], buckets)
-    return group["table"][order][positions] if buckets.size else np.empty(0, np.int64)
-
-
-def _exact_edges(group: dict[str, np.ndarray]) -> pa.Table:
-    keys = group["key"].astype(str)
-    first, second = exact_pairs(group["sha256"].astype(str))
-    return _edges_table(keys[first].tolist(), keys[second].tolist(), PairCounters())
-
-
-def _read_rows(parquet_paths: list[str]):
-    import ray
-
-    schema = pq.read_schema(parquet_paths[0])
-    has_drop_reason = "drop_reason" in schema.names
-    columns = COLUMNS + (["drop_reason"] if has_drop_reason else [])
-    rows = ray.data.read_parquet(parquet_paths).select_columns(columns)
-    if has_drop_reason:
-        rows = rows.map_batches(lambda batch: batch.filter(pc.is_null(batch["drop_reason"])),
-                                batch_format="pyarrow")
-    return rows.materialize()
+# Sizes of the distributed search's pieces: a group task reads about this many rows (fewer, larger
+# groups mean fewer objects: each group makes 2 per part); a sort part holds about this many.
+ROWS_PER_GROUP = 1_000_000
+ROWS_PER_PART = 4_000_000
 
 
 def empty_result() -> tuple[pa.Table, dict[str, int]]:
@@ -122,29 +58,20 @@ def empty_result() -> tuple[pa.Table, dict[str, int]]:
     return empty, {name: 0 for name in (*_COUNTERS, "rows", "clusters", "duplicates")}
 
 
-def _kept_rows(parquet_paths: list[str]) -> tuple[pa.dataset.Dataset, pc.Expression | None]:
-    """The shards as one pyarrow dataset, and the filter for the rows still kept (drop_reason null)."""
-    dataset = pa.dataset.dataset(parquet_paths, format="parquet")
-    return dataset, pc.field("drop_reason").is_null() if "drop_reason" in dataset.schema.names else None
-
-
 def count_kept_rows(parquet_paths: list[str]) -> int:
     """Rows still kept over all shards, from the Parquet files (one column read)."""
-    dataset, kept = _kept_rows(parquet_paths)
+    dataset, kept = dedup_tasks.kept_dataset(parquet_paths)
     return dataset.count_rows(filter=kept)
 
 
 def find_duplicates_in_driver(parquet_paths: list[str], config: DedupConfig, threads: int = 2
                               ) -> tuple[pa.Table, dict[str, int]]:
-    """The same result as :func:`find_duplicates_ray`, searched in this process.
+    """The same result as :func:`find_duplicates_distributed`, searched in this process.
 
-    For corpora whose rows fit one machine (~260 bytes a row at the search's peak at 10M, plus the
-    row table; docs/BENCHMARKS.md) this is far cheaper than the Ray shuffle (26-31x at 100k-1M
-    rows, measured on one machine): the compiled single-machine search
-    (:func:`filters.dedup.near_pairs`) over the same tables, no records in flight.
+    Holds every kept row (~290 bytes a row at 10M, docs/SCALING.md): the compiled single-machine
+    search (:func:`filters.dedup.near_pairs`) over the same tables, on ``threads`` threads.
     """
-    dataset, kept = _kept_rows(parquet_paths)
-    table = dataset.to_table(columns=COLUMNS, filter=kept)
+    table = read_kept(parquet_paths, COLUMNS)
     if table.num_rows == 0:
         return empty_result()
     phash = table["phash"].to_numpy(zero_copy_only=False).astype(np.int64)
@@ -154,60 +81,89 @@ def find_duplicates_in_driver(parquet_paths: list[str], config: DedupConfig, thr
                      counters.to_dict())
 
 
-def find_duplicates_ray(parquet_paths: list[str], config: DedupConfig, records_per_group: int = 1 << 20,
-                        tables_per_shuffle: int | None = None) -> tuple[pa.Table, dict[str, int]]:
-    """Duplicate clusters over the kept rows (``drop_reason`` null) of all ``parquet_paths``.
+@functools.cache
+def _remote(function: Callable):
+    """One Ray remote function per step (exported to the workers once), one CPU a task."""
+    import ray
 
-    ``tables_per_shuffle`` bounds the shuffle: the multi-index tables are searched in waves of that
-    many tables (None: all in one shuffle), so the records in flight are rows x tables_per_shuffle
-    instead of rows x all tables. The result is the same.
+    return ray.remote(num_cpus=1)(function)
+
+
+def _call(function: Callable, returns: int, *args):
+    return _remote(function).options(num_returns=returns).remote(*args)
+
+
+def finish_group(paths: list[str], offset: int, chosen: pa.Table, counts: np.ndarray,
+                 write: Callable[[str, pa.Table], None] | None) -> pa.Table | None:
+    """A group's verdict rows; with ``write``, written per shard (path, rows) here, on the worker."""
+    table = dedup_tasks.group_result(paths, offset, chosen)
+    if write is None:
+        return table
+    for path, start, count in zip(paths, np.cumsum(counts) - counts, counts):
+        write(path, table.slice(int(start), int(count)))
+    return None
+
+
+def find_duplicates_distributed(parquet_paths: list[str], config: DedupConfig, tasks: int | None = None,
+                                n_items: int | None = None,
+                                write: Callable[[str, pa.Table], None] | None = None,
+                                rows_per_group: int = ROWS_PER_GROUP, rows_per_part: int = ROWS_PER_PART
+                                ) -> tuple[pa.Table | None, dict[str, int]]:
+    """Duplicate clusters over the kept rows (``drop_reason`` null) of all ``parquet_paths``, on Ray.
+
+    ``tasks``: search tasks (and sort / sha parts at most), default the cluster's CPUs.
+    ``n_items``: the kept rows if already counted (sizes the pieces only). ``write(path, rows)``:
+    called on the workers with each shard's verdict rows; then no table comes back (None).
+    ``rows_per_group`` / ``rows_per_part``: rows a read task / a sort part aims at.
 
     Returns a table ``key, duplicate_of, cluster_id, cluster_size, dup_reason`` with one row per
-    input key (in the order Ray read them) and the counters ``candidate_pairs``,
-    ``verified_pairs``, ``capped_buckets``, ``capped_items``, ``rows``, ``clusters``,
-    ``duplicates``. Rules for the columns: see the module docstring.
+    kept row, in the order of ``parquet_paths`` and their rows, and the counters
+    ``candidate_pairs``, ``verified_pairs``, ``capped_buckets``, ``capped_items``, ``rows``,
+    ``clusters``, ``duplicates``. Rules for the columns: see the module docstring.
     """
     import ray
 
-    rows = _read_rows(parquet_paths)
-    table = pa.concat_tables(ray.get(rows.to_arrow_refs())) if rows.count() else None
-    if table is None or table.num_rows == 0:
+    tasks = tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_items = count_kept_rows(parquet_paths) if n_items is None and parquet_paths else (n_items or 0)
+    parts = min(tasks, max(1, math.ceil(n_items / rows_per_part)))
+    n_groups = max(1, min(len(parquet_paths), max(tasks, math.ceil(n_items / rows_per_group))))
+    groups = [parquet_paths[len(parquet_paths) * g // n_groups:len(parquet_paths) * (g + 1) // n_groups]
+              for g in range(n_groups)]
+    reads = [_call(dedup_tasks.read_group, 1 + 2 * parts, group, parts) for group in groups]
+    counts = ray.get([read[0] for read in reads])  # one small array per group: O(shards)
+    group_rows = np.array([int(count.sum()) for count in counts], np.int64)
+    offsets = np.cumsum(group_rows) - group_rows
+    n_rows = int(group_rows.sum())
+    if n_rows == 0:
         return empty_result()
-    n_items = table.num_rows
-    n_tables = len(plan_tables(config.hamming_threshold, n_items, config.tables))
-    wave = n_tables if tables_per_shuffle is None else max(1, min(tables_per_shuffle, n_tables))
-    near_parts: list = []
-    for first_table in range(0, n_tables, wave):
-        n_groups = max(1, math.ceil(n_items * wave / records_per_group))
-        records = rows.select_columns(["key", "phash"]).map_batches(
-            _explode, batch_format="numpy", fn_kwargs={
-                "threshold": config.hamming_threshold, "n_items": n_items, "max_tables": config.tables,
-                "n_groups": n_groups, "first_table": first_table, "last_table": first_table + wave})
-        # Few shuffle partitions: each one is an aggregator, and the groups are already coarse.
-        near = records.groupby("group", num_partitions=min(n_groups, 64)).map_groups(
-            _near_edges, batch_format="numpy",
-            fn_kwargs={"threshold": config.hamming_threshold, "cap": config.bucket_cap})
-        near_parts.extend(ray.get(near.to_arrow_refs()))
-    exact_groups = max(1, math.ceil(n_items / records_per_group))
-    exact = rows.select_columns(["key", "sha256"]).map_batches(
-        lambda batch: {**batch, "group": _group_of(_sha_prefix(batch["sha256"]), exact_groups)},
-        batch_format="numpy").groupby("group", num_partitions=min(exact_groups, 64)).map_groups(
-            _exact_edges, batch_format="numpy")
-    edges = pa.concat_tables(near_parts + ray.get(exact.to_arrow_refs()))
-    counters = {name: int(pc.sum(edges[name]).as_py() or 0) for name in _COUNTERS}
-    edges = edges.filter(pc.is_valid(edges["key_a"]))
-    keys = np.asarray(table["key"].to_numpy(zero_copy_only=False)).astype(str)
-    order = np.argsort(keys)
-    first = order[np.searchsorted(keys[order], edges["key_a"].to_numpy(zero_copy_only=False).astype(str))]
-    second = order[np.searchsorted(keys[order], edges["key_b"].to_numpy(zero_copy_only=False).astype(str))]
-    return _assemble(table, first, second, counters)
+    sorted_parts = [_call(dedup_tasks.sort_part, 2, offsets, *[read[1 + p] for read in reads])
+                    for p in range(parts)]
+    exact = [_call(dedup_tasks.exact_part, 1, offsets, *[read[1 + parts + p] for read in reads])
+             for p in range(parts)]
+    del reads  # the pieces are freed from the object store once the sort and sha tasks are done
+    values, heads = _call(dedup_tasks.join_parts, 2, *[part[0] for part in sorted_parts])
+    n_tables = len(plan_tables(config.hamming_threshold, n_rows, config.tables))
+    shares = [list(range(first, n_tables, tasks)) for first in range(min(tasks, n_tables))]
 
+    def search(once: bool) -> tuple[list, np.ndarray]:
+        found = [_call(dedup_tasks.search_share, 2, values, heads, share, config, n_rows, once) for share in shares]
+        return [pairs for pairs, _ in found], np.sum(ray.get([counters for _, counters in found]), axis=0)
 
-def _sha_prefix(sha256: np.ndarray) -> np.ndarray:
-    prefix = hex_prefix(sha256)
-    if prefix is None:  # not hex: a stable checksum (Python's hash() differs between workers)
-        prefix = np.array([zlib.crc32(str(value).encode()) for value in sha256], np.uint64)
-    return prefix
+    near, pair_counters = search(once=True)
+    if pair_counters[2]:
+        # A capped bucket may have left out a pair that its first table would have returned: as
+        # the in-driver search does, every table then returns every pair it verifies.
+        near, pair_counters = search(once=False)
+    members = _call(dedup_tasks.join_clusters, 1, n_rows, *[part[1] for part in sorted_parts], *near, *exact)
+    member_tables = [_call(dedup_tasks.group_members, 1, group, int(offset), members)
+                     for group, offset in zip(groups, offsets)]
+    chosen, chosen_counts = _call(dedup_tasks.choose, 2, *member_tables)
+    finished = ray.get([_call(finish_group, 1, group, int(offset), chosen, count, write)
+                        for group, offset, count in zip(groups, offsets, counts)])
+    duplicates = int(ray.get(chosen_counts)[1])
+    counters = {**dict(zip(_COUNTERS, (int(value) for value in pair_counters))),
+                "rows": n_rows, "clusters": n_rows - duplicates, "duplicates": duplicates}
+    return (None if write is not None else pa.concat_tables(finished)), counters
 
 
 def _assemble(table: pa.Table, first: np.ndarray, second: np.ndarray, counters: dict[str, int]
