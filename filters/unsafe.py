@@ -1,8 +1,9 @@
 """Unsafe-image score from the NudeNet detector that ships inside the ``nudenet`` package.
 
 The model (``nudenet/320n.onnx``, a YOLOv8-style detector over 18 body-part classes) is run
-directly through onnxruntime so that batches go through one call and the GPU provider is used when
-there is one. Pre- and post-processing follow ``nudenet.NudeDetector``: pad to a square at the
+directly through onnxruntime so that batches go through one call, the session's threads match the
+worker's CPUs, and the CUDA provider is used when the worker has a GPU. Pre- and post-processing
+follow ``nudenet.NudeDetector`` (exactly so with ``jpeg_draft`` off): pad to a square at the
 bottom/right with black, resize to 320, values in [0, 1] in BGR channel order (NudeDetector reads
 with OpenCV and its two channel swaps cancel out); keep boxes whose best class score is at
 least 0.2, class-agnostic NMS (score 0.25, IoU 0.45). The score of an image is the highest
@@ -11,6 +12,8 @@ confidence among the kept boxes whose class shows exposed anatomy (0 when there 
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +42,13 @@ DEFAULT_UNSAFE_CLASSES = (
 _MIN_BOX_SCORE = 0.2
 _NMS_SCORE = 0.25
 _NMS_IOU = 0.45
+# With jpeg_draft, a JPEG whose longer side is at least 2 x DRAFT_MARGIN x input_size (1,280 px) is
+# decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), its longer side kept >= DRAFT_MARGIN x
+# input_size. At 1,280-2,560 px this cuts the decode from ~23 to ~9 ms a photo; a smaller margin
+# moved more decisions (docs/BENCHMARKS.md). Images under 1,280 px are decoded exactly as before.
+DRAFT_MARGIN = 2.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,30 +63,57 @@ class UnsafeFilterConfig:
     classes: tuple[NudeNetClass, ...] = field(default_factory=lambda: DEFAULT_UNSAFE_CLASSES)
     input_size: int = ranged(320, "[32, 4096]")  # the detector's strides reach 32 pixels
     model_path: str | None = None
-    batch_size: int = ranged(16, "[1, inf)")
+    # Images per onnxruntime call. On CPU, 4 is the fastest per core here (one-thread session, 320n:
+    # ~6% more images per CPU-second than 16, ~10% more than 32); on a GPU give 64 or more.
+    batch_size: int = ranged(4, "[1, inf)")
+    # Decode JPEGs of 1,280 px or more at a reduced scale (Pillow's draft mode): the detector sees
+    # 320 px. Off: pixels exactly as nudenet.NudeDetector gets them, at any size.
+    jpeg_draft: bool = True
 
 
 class UnsafeScorer:
-    """Scores image bodies with the NudeNet detector; call :meth:`setup` once per worker."""
+    """Scores image bodies with the NudeNet detector; call :meth:`setup` once per worker.
 
-    def __init__(self, config: UnsafeFilterConfig | None = None) -> None:
+    ``threads`` is the onnxruntime intra-op thread count: the CPUs the worker was given (its
+    default, one thread per core of the machine, oversubscribes a node shared by several actors).
+    ``use_gpu`` asks for the CUDA provider; it is used only when onnxruntime offers it.
+    """
+
+    def __init__(self, config: UnsafeFilterConfig | None = None, threads: int = 1,
+                 use_gpu: bool = False) -> None:
         self.config = config or UnsafeFilterConfig()
         unknown = set(self.config.classes) - set(NUDENET_CLASSES)
         if unknown:
             raise ValueError(f"unknown NudeNet classes: {sorted(unknown)}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self.use_gpu = use_gpu
         self._class_rows = np.array([NUDENET_CLASSES.index(name) for name in self.config.classes])
         self._session = None
         self._input_name = ""
 
     def setup(self) -> None:
-        """Load the ONNX model once; CUDA when onnxruntime offers it, CPU otherwise."""
+        """Load the ONNX model once: CUDA when asked for and offered, else CPU with ``threads`` threads."""
         import nudenet
         import onnxruntime
 
         path = self.config.model_path or os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
-        available = onnxruntime.get_available_providers()
-        providers = [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
-        self._session = onnxruntime.InferenceSession(path, providers=providers)
+        providers = ["CPUExecutionProvider"]
+        if self.use_gpu:
+            if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:
+                log.warning("unsafe: GPUs were given but onnxruntime has no CUDA provider (install "
+                            "onnxruntime-gpu); running on CPU with %d thread(s)", self.threads)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning threads burn the CPU between batches that other actors on the node could use.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self._session = onnxruntime.InferenceSession(path, options, providers=providers)
         self._input_name = self._session.get_inputs()[0].name
 
     @property
@@ -86,12 +123,22 @@ class UnsafeScorer:
     def teardown(self) -> None:
         self._session = None
 
-    def _preprocess(self, data: bytes) -> np.ndarray:
-        import cv2
+    def decode(self, data: bytes) -> np.ndarray:
+        """RGB pixels (height, width, 3); a JPEG well above input_size comes out at 1/2, 1/4 or 1/8 scale."""
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as image:
-            pixels = np.asarray(image.convert("RGB"))
+            side = max(image.size)
+            target = self.config.input_size * DRAFT_MARGIN
+            if self.config.jpeg_draft and image.format == "JPEG" and side >= 2 * target:
+                # draft() keeps each side at least the requested one, so the longer side stays >= target.
+                image.draft(None, (math.ceil(image.width * target / side), math.ceil(image.height * target / side)))
+            return np.asarray(image.convert("RGB"))
+
+    def _preprocess(self, data: bytes) -> np.ndarray:
+        import cv2
+
+        pixels = self.decode(data)
         side = max(pixels.shape[:2])
         square = np.zeros((side, side, 3), np.uint8)
         square[: pixels.shape[0], : pixels.shape[1]] = pixels
