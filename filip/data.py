@@ -25,11 +25,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from filip.model import IMAGE_MEAN, IMAGE_STD
-from filip.shard_reader import fetch_shard_samples, iter_shard_samples
+from filip.shard_reader import fetch_shard_samples, is_object_url, iter_shard_samples
 from filip.tokenizer import FilipTokenizer
 from pipeline.errors import UserError
+from pipeline.schema import BACK_TRANSLATION_COLUMNS
 
-BACK_TRANSLATION_KEYS = ("caption_bt_de", "caption_bt_ru")
+BACK_TRANSLATION_KEYS = BACK_TRANSLATION_COLUMNS  # the pipeline's back-translated captions
+# Image fields of a sample, in the order a sample with several is read: webdataset's and
+# open_clip's `jpg;jpeg;png;webp` (the pipeline writes download.encode_format's extension).
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 # A resampled stream never runs out of shards, so unreadable shards would be retried forever: a
 # worker stops after opening this many shards in a row without one image sample. Far above what
 # a few bad shards in a good corpus reach (even half bad: odds 2**-32 per shard).
@@ -79,9 +83,12 @@ def train_transform(image_size: int, crop_scale_min: float = 0.5,
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Shard paths from a list, a folder (all *.tar), a glob or a brace pattern `{00000..00009}`."""
+    """Shard paths from a list, a folder (all *.tar), a glob or a brace pattern `{00000..00009}`.
+    Object-store URLs (`s3://bucket/corpus/shards`) take the same forms and stay URLs."""
     if isinstance(spec, (list, tuple)):
         return [str(s) for s in spec]
+    if is_object_url(spec):
+        return _expand_object_shards(spec)
     path = Path(spec)
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
@@ -94,6 +101,30 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no shards match {spec!r}")
     return found
+
+
+def _expand_object_shards(spec: str) -> list[str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    if "{" in path:
+        import braceexpand
+
+        found = [fs.unstrip_protocol(p) for p in braceexpand.braceexpand(path)]
+    elif any(ch in path for ch in "*?["):
+        found = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+    elif fs.isdir(path):
+        found = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path.rstrip("/") + "/*.tar"))]
+    else:
+        found = [spec] if fs.exists(path) else []
+    if not found:
+        raise FileNotFoundError(f"no shards match {spec!r}")
+    return found
+
+
+def shard_sibling(shard: str, name: str) -> str:
+    """The file `name` in the folder of `shard` (a local path or an object-store URL)."""
+    return f"{shard.rsplit('/', 1)[0]}/{name}" if is_object_url(shard) else str(Path(shard).parent / name)
 
 
 def pick_caption(sample: dict[str, Any], rng: random.Random) -> str:
@@ -110,6 +141,11 @@ def pick_caption(sample: dict[str, Any], rng: random.Random) -> str:
     if not candidates:
         raise ValueError(f"sample {sample.get('__key__')} has no caption")
     return rng.choice(candidates)
+
+
+def image_field(sample: dict[str, Any]) -> str | None:
+    """The sample's first field among IMAGE_FIELDS, or None when it holds no image."""
+    return next((field for field in IMAGE_FIELDS if field in sample), None)
 
 
 def _mix(*parts: int) -> int:
@@ -200,7 +236,7 @@ class _WorkerStream:
             self.tries.next_shard(url)  # raises once too many shards in a row gave nothing
             try:
                 for index, at, after, sample in iter_shard_samples(url, start=start, offset=offset):
-                    if "jpg" in sample:
+                    if image_field(sample) is not None:
                         self.tries.without_sample = 0
                         yield (n, index, at), after, sample
             except Exception as error:  # an unreadable or truncated shard: go on with the next
@@ -316,7 +352,7 @@ class ShardDataset(IterableDataset):
             sample_seed = _mix(self.seed, self.epoch, self.rank, worker, position)
             position += 1
             try:
-                image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+                image = Image.open(io.BytesIO(sample[image_field(sample)])).convert("RGB")
                 caption = pick_caption(sample, random.Random(sample_seed))
                 # A private RNG stream per sample keeps augmentation identical after a resume.
                 with torch.random.fork_rng(devices=[]):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.schema import BACK_TRANSLATION_COLUMNS
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 DEFAULT_NAME = "tokenizer.model"
 logger = logging.getLogger(__name__)
@@ -36,7 +38,13 @@ class FilipTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], context_length: int = 77) -> "FilipTokenizer":
-        return cls(Path(path).read_bytes(), context_length)
+        """From a local path or a URL fsspec opens (the tokenizer beside shards in a bucket)."""
+        if "://" not in str(path):
+            return cls(Path(path).read_bytes(), context_length)
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as handle:
+            return cls(handle.read(), context_length)
 
     def with_context_length(self, context_length: int) -> "FilipTokenizer":
         """The same pieces, encoded to `context_length` ids (a model's `context_length`)."""
@@ -110,7 +118,7 @@ def iter_shard_captions(shard_paths: Iterable[str | os.PathLike[str]]) -> Iterat
                     yield tar.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
                 elif member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    for key in ("caption_bt_de", "caption_bt_ru"):
+                    for key in BACK_TRANSLATION_COLUMNS:
                         if isinstance(meta.get(key), str):
                             yield meta[key]
 

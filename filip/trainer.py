@@ -26,10 +26,11 @@ from torch import nn
 from filip.checkpoint import (capture_rng_state, check_optimizer_state, checkpoint_name, checkpoint_part,
                               latest_checkpoint, list_checkpoints, load_for_resume, restore_rng_state,
                               restore_scaler_state, save_checkpoint)
-from filip.config import ConfigError, TrainConfig, load_config, save_config
+from filip.config import TrainConfig, load_config, save_config
 from filip.distributed import DistributedContext, all_gather_objects, barrier, init_distributed, shutdown
 from filip.model import FilipModel, ModelConfig
 from filip.tokenizer import DEFAULT_NAME, FilipTokenizer
+from pipeline.config_yaml import add_set_option, parse_set_options
 
 logger = logging.getLogger("filip.trainer")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -167,8 +168,21 @@ class DataPosition:
         return None
 
 
-def resolve_tokenizer_path(cfg: TrainConfig, shards: list[str]) -> Path:
-    path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(shards[0]).parent / DEFAULT_NAME
+def resolve_tokenizer_path(cfg: TrainConfig, shards: list[str]) -> Path | str:
+    """data.tokenizer, or tokenizer.model beside the first shard (a path, or a URL for shards
+    in a bucket)."""
+    from filip.data import is_object_url, shard_sibling
+
+    path = cfg.data.tokenizer or shard_sibling(shards[0], DEFAULT_NAME)
+    if is_object_url(path):
+        import fsspec
+
+        fs, found = fsspec.core.url_to_fs(path)
+        if not fs.exists(found):
+            raise FileNotFoundError(f"tokenizer {path} not found beside the shards (`filip build` writes "
+                                    "it; or set data.tokenizer)")
+        return path
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} not found: train one with "
                                 f"`python -m filip.tokenizer {Path(shards[0]).parent}`")
@@ -439,8 +453,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="train config YAML (see configs/train-*.yaml)")
     parser.add_argument("--resume", default=None,
                         help="'latest' (newest checkpoint in run.output_dir) or a checkpoint path")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set run.max_steps=100 (YAML value)")
+    add_set_option(parser)  # the same option as `filip build`'s
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this step, as if the job were killed")
     parser.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
@@ -449,22 +462,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    import yaml
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not all(part.isidentifier() for part in key.split(".")):
-            raise ConfigError(f"--set expects KEY=VALUE with a dotted KEY (run.max_steps=100), "
-                              f"got {item[:80]!r}")
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: the value is not YAML "
-                              f"({' '.join(str(err).split())[:120]})") from None
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, parse_set_options(args.set))
     train(cfg, resume=args.resume, stop_after=args.stop_after, report_to=args.report_to)
     return 0
 

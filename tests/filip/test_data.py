@@ -243,3 +243,59 @@ def test_shards_of_undecodable_images_stop_too(flickr_shards: list[str], tmp_pat
     pattern = (rf"25 samples in a row did not decode, the last 000\d in {re.escape(shard)}: "
                rf"UnidentifiedImageError: cannot identify image file <_io\.BytesIO object at 0x[0-9a-f]+>")
     assert re.fullmatch(pattern, str(caught.value)), str(caught.value)
+
+
+def reencoded_shard(source: str, path: Path, formats: list[str]) -> dict[str, str]:
+    """Copy `source`'s samples into `path`, sample i's image re-encoded as `formats[i % len]` (a real
+    image file under that extension), dropping samples past the list; returns {key: extension}."""
+    from PIL import Image
+
+    pil_format = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+    written: dict[str, str] = {}
+    with tarfile.open(path, "w") as tar:
+        for index, _, _, sample in islice(iter_shard_samples(source), len(formats)):
+            ext = formats[index]
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(sample["jpg"])).save(buffer, format=pil_format[ext], lossless=True)
+            for name, payload in ((f"{sample['__key__']}.{ext}", buffer.getvalue()),
+                                  (f"{sample['__key__']}.txt", sample["txt"]),
+                                  (f"{sample['__key__']}.json", sample["json"])):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            written[sample["__key__"]] = ext
+    return written
+
+
+def test_jpg_jpeg_png_and_webp_images_are_all_read(flickr_shards: list[str], tmp_path: Path) -> None:
+    from PIL import Image
+
+    formats = ["jpg", "jpeg", "png", "webp"] * 5
+    written = reencoded_shard(flickr_shards[0], tmp_path / "00000.tar", formats)
+    assert sorted(written.values()) == sorted(formats)
+    transform = eval_transform(64)
+    reader = ShardDataset([str(tmp_path / "00000.tar")],
+                          FilipTokenizer.load(Path(flickr_shards[0]).parent / "tokenizer.model"), 20,
+                          transform, shuffle_buffer=1)
+    batches = list(reader)
+    assert len(batches) == 1 and sorted(batches[0]["keys"]) == sorted(written)
+    # png and lossless webp hold the source pixels exactly: the tensors are those of the jpg.
+    originals = {sample["__key__"]: sample["jpg"] for _, _, _, sample in iter_shard_samples(flickr_shards[0])}
+    for key, image in zip(batches[0]["keys"], batches[0]["images"]):
+        if written[key] in ("png", "webp"):
+            assert torch.equal(image, transform(Image.open(io.BytesIO(originals[key])))), key
+
+
+def test_a_png_corpus_trains(flickr_shards: list[str], tmp_path: Path, tiny_config_writer: Any) -> None:
+    from filip.trainer import main
+
+    corpus = tmp_path / "shards"
+    corpus.mkdir()
+    for shard in flickr_shards[:2]:
+        reencoded_shard(shard, corpus / Path(shard).name, ["png"] * 40)
+    (corpus / "tokenizer.model").write_bytes((Path(flickr_shards[0]).parent / "tokenizer.model").read_bytes())
+    config = tiny_config_writer(corpus, tmp_path / "run", tmp_path / "train.yaml", max_steps=4, batch_size=16)
+    assert main([str(config), "--set", "run.log_every=2"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [2, 4]
+    assert all(m["loss"] == m["loss"] and 0 < m["loss"] < 100 for m in logged), logged
