@@ -9,7 +9,8 @@ from pipeline.config import PipelineConfig
 from pipeline.input import prepare_input
 from pipeline.ray_adapter import init_ray, run_stage
 from pipeline.run_folder import OutputInUse, check_output_outside_input, claim_output, record_config
-from pipeline.stage import Stage
+from pipeline.registry import StageContext, registered_stages
+from pipeline.stage import Stage, shard_stats
 from pipeline.stats import StageStats, merge_all
 from pipeline.storage import Storage, url_to_fs
 
@@ -18,34 +19,21 @@ __all__ = ["OutputInUse", "build", "check_before_work", "pipeline_stages"]
 
 
 def pipeline_stages(config: PipelineConfig) -> tuple[list[Stage], list[str]]:
-    """The per-shard stages in order, and the names of the stages switched off by the config."""
-    from pipeline.download import DownloadStage
-    from pipeline.stages.inspect import InspectStage
-
-    out = config.run.output
-    stages: list[Stage] = [DownloadStage(out, config.download, config.run.shard_size)]
-    stages.append(InspectStage(out, stages[-1].name, config.inspect.resolution, config.inspect.caption,
-                               config.inspect.resources))
+    """The per-shard stages in the order of `stages:`, and the listed stages switched off by their
+    section's `enabled: false`."""
+    specs = registered_stages()
+    stages: list[Stage] = []
     skipped = []
-    if config.dedup.enabled:
-        from pipeline.stages.dedup import DedupStage
-
-        stages.append(DedupStage(out, stages[-1].name, config.dedup.resources))
-    else:
-        skipped.append("dedup")
-    if config.unsafe.enabled:
-        from pipeline.stages.unsafe import UnsafeStage
-
-        stages.append(UnsafeStage(out, stages[-1].name, config.unsafe, config.unsafe.resources))
-    else:
-        skipped.append("unsafe")
-    if config.backtranslation.enabled:
-        from pipeline.stages.backtranslate import BackTranslateStage
-
-        stages.append(BackTranslateStage(out, stages[-1].name, config.backtranslation,
-                                         config.backtranslation.resources))
-    else:
-        skipped.append("backtranslate")
+    previous = "input"
+    for name in config.stages:
+        spec = specs[name]
+        section = getattr(config, spec.section)
+        if not getattr(section, "enabled", True):
+            skipped.append(name)
+            continue
+        made = spec.build(section, StageContext(config.run.output, previous, config))
+        stages.extend(made)
+        previous = made[-1].name
     for stage in stages:
         stage.samples_per_reason = config.shards.dropped_samples_per_reason
     return stages, skipped
@@ -53,26 +41,23 @@ def pipeline_stages(config: PipelineConfig) -> tuple[list[Stage], list[str]]:
 
 def check_before_work(config: PipelineConfig) -> None:
     """Everything that can be known wrong before a single URL is fetched or a file is written."""
-    if config.backtranslation.enabled:
-        from filters.backtranslation import check_models
-
-        check_models(config.backtranslation)
+    specs = registered_stages()
+    for name in config.stages:
+        section = getattr(config, specs[name].section)
+        if specs[name].check is not None and getattr(section, "enabled", True):
+            specs[name].check(section)
     url_to_fs(config.run.input)  # an object store without its package: the same message as the output
     check_output_outside_input(config.run)
-
-
-def shard_stats(storage: Storage, stage: str, shards: list[str]) -> dict[str, StageStats]:
-    """A stage's counters per shard, read from its per-shard files on disk."""
-    return {s: StageStats.from_dict(storage.read_json(f"{stage}/{s}.stats.json"))
-            for s in shards if storage.exists(f"{stage}/{s}.stats.json")}
 
 
 def _run_without_rows(stage: Stage, shards: list[str], progress: Callable[[str], None]) -> None:
     """Write the stage's empty shards here, in the driver: with no row to score, starting workers
     and loading a model (NudeNet, MarianMT) would cost minutes for nothing."""
-    for shard in shards:
-        if not stage.is_done(shard):
-            stage.finish_shard(shard, stage.run_shard(shard))
+    pending = [s for s in shards if not stage.is_done(s)]
+    if pending:
+        stage.before_run()
+    for shard in pending:
+        stage.finish_shard(shard, stage.run_shard(shard))
     progress(f"[{stage.name}] no rows left: {len(shards)} empty shard(s) written without workers")
 
 
@@ -111,11 +96,6 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
     all_stats = [input_stats]
     with_rows = list(shards)  # the shards whose rows are still kept after the last stage run
     for stage in stages:
-        if stage.name == "dedup":
-            from pipeline.stages.dedup import find_clusters
-
-            counters = find_clusters(storage, stage.input_stage, shards, config.dedup, with_rows)
-            progress(f"[dedup] clusters found over all shards: {counters}")
         if with_rows:
             run_stage(stage, shards, progress)
         else:
@@ -123,21 +103,25 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
         per_shard = shard_stats(storage, stage.name, shards)
         stats = merge_all(stage.name, per_shard.values())
         with_rows = [s for s in shards if s in per_shard and per_shard[s].rows_out]
-        if stage.name == "dedup":
-            stats.counters.update({f"search_{k}": int(v) for k, v in counters.items() if k != "seconds"})
-            stats.seconds += float(counters.get("seconds", 0.0))
+        run_level = stage.run_counters()  # work done once for the whole run (the duplicate search)
+        if run_level:
+            progress(f"[{stage.name}] over all shards: {run_level}")
+            stats.seconds += float(run_level.pop("seconds", 0.0))
+            stats.counters.update(run_level)
         all_stats.append(stats)
     for name in skipped:
         previous = all_stats[-1].rows_out
         all_stats.append(StageStats(stage=name, rows_in=previous, rows_out=previous, skipped=True))
     stage_names = [s.name for s in stages]
-    decisions = write_decisions(storage, stage_names, shards)
-    progress(f"[decisions] {decisions.num_rows} rows recorded in decisions.parquet")
+    decisions = write_decisions(storage, stage_names, shards, progress)
     if not with_rows:
         progress(f"[shards] no rows left: every one of the {input_stats.rows_in} input rows was dropped or "
-                 "failed; decisions.parquet says why for each, `filip stats` counts the reasons"
+                 "failed; decisions/ says why for each, `filip stats` counts the reasons"
                  if input_stats.rows_in else "[shards] no rows left: the input URL list holds no rows")
-    final = write_final_shards(storage, config, stage_names[-1], with_rows, progress)
-    summary = {"stages": [s.to_dict() for s in all_stats], "shards": shards, "final_shards": final}
+    # The last stage's kept rows per shard: the final shards' plan, without reading a row here.
+    kept = {s: per_shard[s].rows_out for s in with_rows}
+    final, final_stats = write_final_shards(storage, config, stage_names[-1], kept, progress)
+    summary = {"stages": [s.to_dict() for s in all_stats], "steps": [decisions.to_dict(), final_stats.to_dict()],
+               "shards": shards, "final_shards": final}
     storage.write_json("stats.json", summary)
     return summary

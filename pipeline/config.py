@@ -1,22 +1,19 @@
-"""The run configuration: one typed section per stage plus run-level settings.
+"""The run configuration: run-level settings, the `stages:` order, and one typed section per
+registered stage (each stage module declares its own; see pipeline/registry.py).
 
 Each number's valid range is on its field (`ranged(default, "[low, high]")`, checked at load by
-pipeline/configtools.py); each choice is a `Literal`.
+pipeline/configtools.py, the trainer's loader too); each choice is a `Literal`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
-from filters.backtranslation import BackTranslationConfig
-from filters.caption import CaptionFilterConfig
-from filters.dedup import DedupConfig
-from filters.resolution import ResolutionFilterConfig
-from filters.unsafe import UnsafeFilterConfig
-from pipeline.configtools import (SEED_RANGE, ConfigError, FieldError, clip, dump_yaml, from_mapping,
-                                  load_yaml, ranged, short_key)
-from pipeline.stage import Resources
+from pipeline.config_yaml import dump_yaml, load_yaml
+from pipeline.configtools import SEED_RANGE, ConfigError, FieldError, from_mapping, ranged
+from pipeline.download_config import DownloadConfig
+from pipeline.registry import check_stage_order, registered_stages
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 MIN_TOKENIZER_VOCAB = 256
@@ -42,94 +39,6 @@ class RunConfig:
 
 
 @dataclass
-class DownloadConfig:
-    """img2dataset's settings (same names and meanings as its CLI)."""
-
-    image_size: int = ranged(256, "[1, 65535]")  # 65535: the largest side JPEG can store
-    # keep_ratio: the shorter side becomes image_size (never upscaled below), so a 224 crop for
-    # training always has real pixels; original_width/original_height record the source size.
-    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
-    resize_only_if_bigger: bool = True
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = ranged(95, "[0, 100]")  # jpg/webp quality; with png a compression level 0-9
-    thread_count: int = ranged(64, "[1, inf)")
-    timeout: float = ranged(10.0, "(0, inf)")      # seconds one connect or one read may wait
-    deadline: float = ranged(30.0, "(0, inf)")     # seconds one download may take in all: hops, headers, body
-    # refused (too_large) while streaming, never after
-    max_body_bytes: int = ranged(8 * 1024 * 1024, "[1, inf)")
-    max_pixels: int = ranged(40_000_000, "[1, inf)")  # width x height from the header, before decoding
-    max_redirects: int = ranged(10, "[0, inf)")
-    # for transient failures only: timeouts, connection errors, 429, 5xx
-    retries: int = ranged(0, "[0, inf)")
-    # longest Retry-After honoured; a longer one ends the download
-    max_retry_wait: float = ranged(10.0, "[0, inf)")
-    # The address guard, at connect time on every redirect hop: only public addresses unless a
-    # network is listed here (CIDR). Link-local and cloud metadata addresses stay refused unless
-    # an entry lies inside them (169.254.169.254/32).
-    allow_networks: list[str] = field(default_factory=list)
-    # Static host name -> addresses, looked up before DNS (as curl's --resolve); the guard checks
-    # them like any resolved address.
-    hosts: dict[str, list[str]] = field(default_factory=dict)
-    user_agent_token: str | None = "filip-corpus"
-    disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
-    resources: Resources = field(default_factory=Resources)
-
-    def __post_init__(self) -> None:
-        from filters.web.address import parse_networks
-
-        lists = {"allow_networks": self.allow_networks,
-                 **{f"hosts.{short_key(name)}": addresses for name, addresses in self.hosts.items()}}
-        for key, entries in lists.items():
-            try:
-                parse_networks(entries, key=key)
-            except ValueError as err:  # "KEY: 'entry' is not a network ..."; the loader adds download.
-                raise FieldError(key, clip(str(err).partition(": ")[2])) from None
-        if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
-            raise FieldError("encode_quality", f"{self.encode_quality} is out of range [0, 9] "
-                                               "(with encode_format png it is a compression level)")
-
-
-@dataclass
-class InspectConfig:
-    """Decode and hash every image; the resolution/shape and caption filters."""
-
-    resolution: ResolutionFilterConfig = field(default_factory=ResolutionFilterConfig)
-    caption: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
-    resources: Resources = field(default_factory=Resources)
-
-
-@dataclass
-class DedupStageConfig(DedupConfig):
-    """Global exact (sha256) and near (pHash Hamming distance) deduplication."""
-
-    enabled: bool = True
-    # Up to this many rows the search runs in the driver (compiled; ~260 bytes a row at its peak at
-    # 10M, besides the row table the driver holds anyway); above it, as a Ray Data shuffle that no
-    # single machine has to hold. 0: always the shuffle.
-    single_machine_max_rows: int = ranged(10_000_000, "[0, inf)")
-    # Search the multi-index tables in waves of this many per Ray shuffle (None: all at once). The
-    # shuffle holds rows x tables records of ~150 bytes; see docs/SCALING.md for sizing.
-    tables_per_shuffle: int | None = ranged(None, "[1, inf)")
-    resources: Resources = field(default_factory=Resources)
-
-
-@dataclass
-class UnsafeStageConfig(UnsafeFilterConfig):
-    """The NudeNet unsafe-image filter (onnxruntime on GPU when there is one)."""
-
-    enabled: bool = True
-    resources: Resources = field(default_factory=Resources)
-
-
-@dataclass
-class BackTranslationStageConfig(BackTranslationConfig):
-    """Caption back-translation through German and Russian (MarianMT)."""
-
-    resources: Resources = field(default_factory=Resources)
-
-
-@dataclass
 class ShardsConfig:
     """The final WebDataset shards for training."""
 
@@ -151,17 +60,37 @@ class ShardsConfig:
                                                      f"tokenizer) or [{MIN_TOKENIZER_VOCAB}, inf)")
 
 
-@dataclass
-class PipelineConfig:
-    """The whole `filip build` configuration file."""
+DEFAULT_STAGES = ("download", "inspect", "dedup", "unsafe", "backtranslate")
 
-    run: RunConfig
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    inspect: InspectConfig = field(default_factory=InspectConfig)
-    dedup: DedupStageConfig = field(default_factory=DedupStageConfig)
-    unsafe: UnsafeStageConfig = field(default_factory=UnsafeStageConfig)
-    backtranslation: BackTranslationStageConfig = field(default_factory=BackTranslationStageConfig)
-    shards: ShardsConfig = field(default_factory=ShardsConfig)
+
+def _check_stages(config: Any) -> None:
+    problem = check_stage_order(list(config.stages))
+    if problem:
+        raise FieldError("stages", problem)
+
+
+def _pipeline_config_class() -> type:
+    """The `filip build` config: `run`, the `stages:` order, one section per registered stage (its
+    own config class, declared in its module), then `shards`. Built from the registry, so that a
+    new stage brings its section with it."""
+    specs = sorted(registered_stages().values(),
+                   key=lambda s: (DEFAULT_STAGES.index(s.name) if s.name in DEFAULT_STAGES else len(DEFAULT_STAGES),
+                                  s.name))
+    sections = [(spec.section, spec.config, field(default_factory=spec.config)) for spec in specs]
+    cls = make_dataclass(
+        "PipelineConfig",
+        [("run", RunConfig),
+         # the per-shard stages in the order they run; every name is a registered stage
+         ("stages", list[str], field(default_factory=lambda: list(DEFAULT_STAGES))),
+         *sections,
+         ("shards", ShardsConfig, field(default_factory=ShardsConfig))],
+        namespace={"__post_init__": _check_stages,
+                   "__doc__": "The whole `filip build` configuration file."})
+    cls.__module__ = __name__  # pickling and messages name it as if written here
+    return cls
+
+
+PipelineConfig = _pipeline_config_class()
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:

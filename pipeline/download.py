@@ -2,7 +2,8 @@
 
 The files under `<output>/download/` are img2dataset's: `NNNNN.tar` written by its
 `WebDatasetSampleWriter`, `NNNNN.parquet` (one row per input row, its columns plus `key`, `status`,
-`error_message`, sizes, `sha256`) and `NNNNN_stats.json` by its `write_stats`, keys by its
+`error_message`, sizes, `sha256`) and `NNNNN_stats.json` by its `write_stats` (to which
+`Stage.finish_shard` adds this stage's counters: one stats file per shard), keys by its
 `compute_key`. Two pieces of img2dataset are replaced, because they cannot be made safe from
 outside: its fetcher (urllib follows redirects to any address, has no deadline and reads bodies
 whole) by `filters/web/fetch.py`, and its cv2 resizer (decodes before any pixel check, ignores EXIF
@@ -26,8 +27,10 @@ import pyarrow as pa
 from filters.web.address import AddressPolicy
 from filters.web.fetch import FetchResult, FetchSettings, fetch_with_retries
 from filters.web.image_encode import EncodeSettings, ImageRefused, encode_for_training
-from pipeline.config import DownloadConfig
-from pipeline.stage import DROP_KIND, DROP_REASON, Stage, stats_from_decisions
+from pipeline.download_config import DownloadConfig
+from pipeline.registry import IMAGES_FROM, StageSpec, register_stage
+from pipeline.schema import DOWNLOAD_COLUMNS
+from pipeline.stage import DROP_KIND, DROP_REASON, Stage, kept_rows, stats_from_decisions
 from pipeline.stats import StageStats
 
 OOM_SHARD_COUNT = 5  # img2dataset's digits for the shard number in a key
@@ -63,19 +66,28 @@ def encode_settings(config: DownloadConfig) -> EncodeSettings:
 
 
 class DownloadStage(Stage):
-    """Downloads `input/NNNNN.parquet` into img2dataset's `download/NNNNN.{tar,parquet}`."""
+    """Downloads the kept rows of `input_stage` (the input shards `input/NNNNN.parquet`, or a
+    caption-only stage listed before it) into img2dataset's `download/NNNNN.{tar,parquet}`."""
 
-    name = "download"
+    name = IMAGES_FROM
 
-    def __init__(self, output: str, config: DownloadConfig, shard_size: int):
+    def __init__(self, output: str, config: DownloadConfig, shard_size: int, input_stage: str = "input"):
         super().__init__(output, config.resources)
         self.config = config
         self.shard_size = shard_size
+        self.input_stage = input_stage
+
+    def _rows_to_fetch(self, shard: str) -> pa.Table:
+        rows = self.storage.read_parquet(f"{self.input_stage}/{shard}.parquet")
+        if self.input_stage == "input":
+            return rows
+        rows = kept_rows(rows)  # a stage before download dropped some captions already
+        return rows.drop_columns([c for c in (DROP_REASON, DROP_KIND) if c in rows.column_names])
 
     def run_shard(self, shard: str) -> StageStats:
         start = time.perf_counter()
         storage = self.storage
-        rows = storage.read_parquet(f"input/{shard}.parquet")
+        rows = self._rows_to_fetch(shard)
         tmp_rel = f"{self.name}/.tmp-{uuid.uuid4().hex[:8]}-{shard}"
         storage.makedirs(tmp_rel)
         try:
@@ -175,3 +187,10 @@ def download_decisions(table: pa.Table) -> pa.Table:
     table = table.append_column(DROP_REASON, pa.array([p[1] for p in pairs], pa.string()))
     return table.append_column(DROP_KIND, pa.array([p[0] for p in pairs], pa.string()))
 
+
+
+register_stage(StageSpec(
+    name=IMAGES_FROM, section="download", config=DownloadConfig,
+    build=lambda section, ctx: [DownloadStage(ctx.output, section, ctx.config.run.shard_size, ctx.input_stage)],
+    columns=DOWNLOAD_COLUMNS,
+    description="fetch every URL through the address guard; resize and encode as img2dataset does"))

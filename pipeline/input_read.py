@@ -28,16 +28,6 @@ from pipeline.config import RunConfig
 from pipeline.errors import UserError
 
 
-# Columns the pipeline writes itself; an input column with one of these names is carried as
-# `source_<name>` so the user's data is never overwritten.
-RESERVED_COLUMNS = {
-    "row_id", "key", "url", "caption", "status", "error_message", "width", "height",
-    "original_width", "original_height", "exif", "md5", "sha256", "sha512", "phash",
-    "unsafe_score", "duplicate_of", "cluster_id", "cluster_size", "caption_bt_de",
-    "caption_bt_ru", "caption_bt_de_reason", "caption_bt_ru_reason", "drop_reason", "drop_kind",
-    "tar_offset", "tar_size", "image", "final_url", "redirects", "attempts",
-}
-
 class InputError(UserError, ValueError):
     """The URL list cannot be used: the message names the file and what is wrong."""
 
@@ -181,6 +171,11 @@ def _as_text(path: str, name: str, role: str, column: pa.ChunkedArray,
 
 
 def _carried_names(path: str, names: list[str], url_column: str, caption_column: str) -> list[str]:
+    from pipeline.schema import reserved_columns
+
+    # Columns the pipeline writes itself (its base columns and every registered stage's): an input
+    # column with one of these names is carried as `source_<name>`, never overwritten.
+    reserved = reserved_columns()
     out = []
     for name in names:
         if name == url_column:
@@ -188,7 +183,7 @@ def _carried_names(path: str, names: list[str], url_column: str, caption_column:
         elif name == caption_column:
             out.append("caption")
         else:
-            out.append(f"source_{name}" if name in RESERVED_COLUMNS else name)
+            out.append(f"source_{name}" if name in reserved else name)
     for carried in dict.fromkeys(out):
         sources = [n for n, c in zip(names, out) if c == carried]
         if len(sources) == 1:
@@ -196,10 +191,10 @@ def _carried_names(path: str, names: list[str], url_column: str, caption_column:
         if len(set(sources)) == 1:
             raise InputError(f"{path}: column '{sources[0]}' appears {len(sources)} times; column "
                              "names must be unique")
-        reserved = [n for n in sources if n in RESERVED_COLUMNS]
+        clashing = [n for n in sources if n in reserved]
         raise InputError(
             f"{path}: columns {' and '.join(repr(n) for n in dict.fromkeys(sources))} would both be "
-            f"stored as '{carried}' ({', '.join(repr(n) for n in reserved)} is a name the pipeline "
+            f"stored as '{carried}' ({', '.join(repr(n) for n in clashing)} is a name the pipeline "
             f"writes itself, so the input's is kept as 'source_<name>'); rename one of them")
     return out
 

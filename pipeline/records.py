@@ -5,7 +5,7 @@ import tarfile
 
 import pyarrow as pa
 
-from pipeline.stage import DROP_KIND, DROP_REASON
+from pipeline.schema import DROP_KIND, DROP_REASON
 from pipeline.storage import Storage
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")

@@ -155,10 +155,10 @@ def _valid(values: pa.Array | pa.ChunkedArray) -> list[float]:
 
 
 def _distributions_section(storage: Storage) -> str:
-    plots, missing = [], []
+    plots, note = [], ""
     sizes = read_columns(storage, "download", ["original_width", "original_height", "caption"])
     if sizes is None:
-        missing.append("download (original sizes, caption length)")
+        note = _missing_note("download (original sizes, caption length)")
     else:
         # Failed downloads have no size; only images that arrived tell the size distribution.
         ok = sizes.filter(pc.and_(pc.is_valid(sizes["original_width"]), pc.is_valid(sizes["original_height"])))
@@ -169,45 +169,41 @@ def _distributions_section(storage: Storage) -> str:
                   _histogram(heights, "original height", "pixels", "hist-height"),
                   _histogram(aspects, "aspect ratio", "width / height", "hist-aspect"),
                   _histogram(_valid(words), "caption length", "words (split on whitespace)", "hist-caption")]
-    unsafe = read_columns(storage, "unsafe", ["unsafe_score"])
-    if unsafe is None:
-        missing.append("unsafe (unsafe score)")
-    else:
-        plots.append(_histogram(_valid(unsafe["unsafe_score"]), "unsafe score", "score", "hist-unsafe"))
-    dedup = read_columns(storage, "dedup", ["cluster_size", "duplicate_of"])
-    if dedup is None:
-        missing.append("dedup (duplicate cluster size)")
-    else:
-        # One value per cluster: its representative is the row that is no one's duplicate.
-        heads = dedup.filter(pc.is_null(dedup["duplicate_of"]))
-        plots.append(_histogram(_valid(heads["cluster_size"]), "duplicate cluster size",
-                                "images per cluster", "hist-cluster", log=True, unit="clusters"))
-    note = "".join(f'<p class="missing">No row files for stage {escape(m)}.</p>' for m in missing)
     shards = len(storage.glob("download/[0-9]*.parquet"))
     if shards > MAX_FILES:
         note += f'<p class="note">Histograms read {MAX_FILES} of {shards:,} shards, evenly spaced.</p>'
     return f'<section id="distributions"><h2>Distributions</h2>{note}{"".join(plots)}</section>'
 
 
-def _backtranslate_section(summary: dict) -> str:
-    stage = next((s for s in summary["stages"] if s["stage"] == "backtranslate"), None)
-    if stage is None or stage.get("skipped"):
-        body = '<p class="note">The back-translation stage was skipped or not configured in this run.</p>'
-    else:
-        counters = stage.get("counters", {})
-        hits, misses = counters.get("cache_hits", 0), counters.get("cache_misses", 0)
-        rate = f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "-"
-        fallbacks = {k: v for k, v in sorted(counters.items()) if k.startswith("fallback_")}
-        rows = "".join(f"<tr><td>{escape(k)}</td><td class='n'>{v:,}</td></tr>" for k, v in fallbacks.items())
-        body = (f'<p id="bt-hit-rate" data-hits="{hits}" data-misses="{misses}">Cache hit rate: {rate} '
-                f"({hits:,} hits, {misses:,} misses). Degenerate back-translations, left null: "
-                f"{sum(fallbacks.values()):,}.</p><table id=\"bt-fallbacks\"><tr><th>fallback</th><th>rows</th>"
-                f"</tr>{rows or '<tr><td colspan=2>none</td></tr>'}</table>")
-    return f'<section id="backtranslate"><h2>Back-translation</h2>{body}</section>'
+def _missing_note(what: str) -> str:
+    return f'<p class="missing">No row files for stage {escape(what)}.</p>'
+
+
+def histogram_section(stage: str, title: str, values: list[float] | None, plot_title: str, xlabel: str,
+                      element_id: str, log: bool = False, unit: str = "rows") -> str:
+    """A stage's report section holding one histogram (`values` None: the stage wrote no rows)."""
+    body = _missing_note(f"{stage} ({plot_title})") if values is None else _histogram(
+        values, plot_title, xlabel, element_id, log=log, unit=unit)
+    return f'<section id="stage-{escape(stage)}"><h2>{escape(title)}</h2>{body}</section>'
+
+
+valid_values = _valid
+
+
+def _stage_sections(storage: Storage, summary: dict) -> list[str]:
+    """The sections the registered stages add: those of this run's stages and of the default ones
+    (so that a default stage switched off says so)."""
+    from pipeline.config import DEFAULT_STAGES
+    from pipeline.registry import registered_stages
+
+    names = list(dict.fromkeys([s["stage"] for s in summary["stages"]] + list(DEFAULT_STAGES)))
+    specs = registered_stages()
+    return [specs[n].report(storage, summary) for n in names if n in specs and specs[n].report]
 
 
 def _timings_section(summary: dict) -> str:
-    stages = summary["stages"]
+    # The stages, then the steps after them (decisions, final shards): every second of the build.
+    stages = summary["stages"] + summary.get("steps", [])
     figure = _new_figure(7, 0.8 + 0.35 * max(len(stages), 3))
     axes = figure.subplots()
     axes.barh([s["stage"] for s in stages][::-1], [s["seconds"] for s in stages][::-1], color="#2b6cb0")
@@ -248,21 +244,33 @@ def _sources_section(storage: Storage, summary: dict) -> str:
     for s in summary["stages"]:
         if not s.get("skipped") and s["stage"] != "input" and not storage.glob(f"{s['stage']}/[0-9]*.parquet"):
             notes.append(f"stage {s['stage']}: no row files (disabled or unfinished)")
-    if storage.exists("decisions.parquet"):
-        # A large run partitions decisions.parquet into a folder of files.
-        parts = storage.glob("decisions.parquet/**/*.parquet") if storage.fs.isdir(storage.path("decisions.parquet")) \
-            else ["decisions.parquet"]
-        status: Counter = Counter()
-        for rel in parts:
-            status.update(storage.read_parquet(rel, columns=["status"])["status"].to_pylist())
+    status = _decision_statuses(storage, summary)
+    if status is not None:
         counts = ", ".join(f"{name}: {n:,}" for name, n in status.most_common())
-        decisions = f'<p id="decisions">decisions.parquet: {escape(counts)}</p>'
+        decisions = f'<p id="decisions">decisions/: {escape(counts)}</p>'
     else:
         decisions = ""
-        notes.append("decisions.parquet: missing (run unfinished?)")
+        notes.append("decisions/: missing (run unfinished?)")
     items = "".join(f"<li>{escape(n)}</li>" for n in notes)
     missing = f'<ul id="missing" class="missing">{items}</ul>' if notes else ""
     return f'<section id="sources"><h2>Data</h2><p>Output: {escape(storage.url)}</p>{decisions}{missing}</section>'
+
+
+def _decision_statuses(storage: Storage, summary: dict) -> Counter | None:
+    """Rows per status: from the decisions step of stats.json, or counted in the files (a run of an
+    earlier version); None when the run wrote no decisions."""
+    from pipeline.decisions import STEP, decision_files
+
+    step = next((s for s in summary.get("steps", []) if s["stage"] == STEP), None)
+    if step is not None:
+        return Counter(step["counters"])
+    files = decision_files(storage)
+    if not files:
+        return None
+    status: Counter = Counter()
+    for rel in files:
+        status.update(storage.read_parquet(rel, columns=["status"])["status"].to_pylist())
+    return status
 
 
 def write_html_report(output: str, html_path: str) -> None:
@@ -270,7 +278,7 @@ def write_html_report(output: str, html_path: str) -> None:
     storage = Storage(output)
     summary = load_summary(output)
     sections = [_sources_section(storage, summary), _funnel_section(summary), _distributions_section(storage),
-                _backtranslate_section(summary), _timings_section(summary), _gallery_section(storage, summary)]
+                *_stage_sections(storage, summary), _timings_section(summary), _gallery_section(storage, summary)]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Build report</title>'
             f"<style>{CSS}</style><script>{BROKEN_IMAGES_SCRIPT}</script></head><body>"
             f'<h1>Build report</h1>{"".join(sections)}</body></html>\n')

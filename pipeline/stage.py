@@ -17,11 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.configtools import FieldError, ranged
+from pipeline.schema import DROP_KIND, DROP_REASON  # noqa: F401 (re-exported: the stage vocabulary)
 from pipeline.stats import StageStats
 from pipeline.storage import Storage
 
-DROP_REASON = "drop_reason"
-DROP_KIND = "drop_kind"  # "dropped" (a decision) or "failed" (could not be processed)
 RAY_RESOURCE_RESOLUTION = 0.0001  # Ray's smallest fraction of a CPU or GPU
 
 
@@ -75,6 +74,11 @@ class Stage(ABC):
     def after_run(self) -> None:
         """On the driver, once per run, after the last worker has stopped."""
 
+    def run_counters(self) -> dict[str, float]:
+        """Counters of work done once for the whole run rather than per shard (e.g. a global
+        search in `before_run`), merged into the stage's statistics; a `seconds` entry adds time."""
+        return {}
+
     def setup(self) -> None:
         """Load models and other per-worker state once."""
 
@@ -92,9 +96,16 @@ class Stage(ABC):
         return self.storage.exists(self.done_marker(shard))
 
     def finish_shard(self, shard: str, stats: StageStats) -> None:
-        """Counters first, then the marker: a shard is complete only once its marker exists."""
+        """Counters first, then the marker: a shard is complete only once its marker exists.
+
+        The counters go to `<stage>/NNNNN_stats.json`, img2dataset's name, so that `download/`
+        holds one stats file per shard: img2dataset's keys there (count, successes,
+        failed_to_download, ...) stay beside ours, none of which has the same name.
+        """
         stats.shards = 1
-        self.storage.write_json(f"{self.name}/{shard}.stats.json", stats.to_dict())
+        path = f"{self.name}/{shard}_stats.json"
+        found = self.storage.read_json(path) if self.storage.exists(path) else {}
+        self.storage.write_json(path, {**found, **stats.to_dict()})
         self.storage.write_text(self.done_marker(shard), "")
 
 
@@ -183,3 +194,19 @@ def stats_from_decisions(stage: str, table: pa.Table) -> StageStats:
         else:
             stats.dropped[reason] += 1
     return stats
+
+
+def shard_stats(storage: Storage, stage: str, shards: list[str]) -> dict[str, StageStats]:
+    """A stage's counters per shard, read from its `NNNNN_stats.json` files (`Stage.finish_shard`).
+
+    A run folder begun by an earlier version holds them in `NNNNN.stats.json` (and in download/
+    an `NNNNN_stats.json` with img2dataset's keys only): a resumed run reads those.
+    """
+    found: dict[str, StageStats] = {}
+    for shard in shards:
+        for rel in (f"{stage}/{shard}_stats.json", f"{stage}/{shard}.stats.json"):
+            data = storage.read_json(rel) if storage.exists(rel) else {}
+            if "rows_in" in data:
+                found[shard] = StageStats.from_dict(data)
+                break
+    return found

@@ -7,7 +7,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from pipeline.config import (ConfigError, DownloadConfig, PipelineConfig, RunConfig, config_from_dict,
+                             load_config)
 from pipeline.configtools import Range, field_range, short_repr
 from tests.yaml_bombs import alias_bomb
 
@@ -27,8 +28,8 @@ def test_cluster_example_is_cluster_shaped() -> None:
     assert config.run.output.startswith("s3://")
     assert config.download.allow_networks == []  # public addresses only
     assert config.run.ray_address == "auto"
-    # Its ~147M rows are past the in-driver search, so the example sizes the shuffle's waves.
-    assert config.dedup.single_machine_max_rows < 147_000_000 and config.dedup.tables_per_shuffle
+    # Its ~147M rows are past the in-driver search, so the distributed search runs.
+    assert config.dedup.single_machine_max_rows < 147_000_000
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -50,6 +51,24 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "run: {input: a.csv, output: out}\ndownload: {timeoutt: 3}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key download\.timeoutt"):
         load_config(path)
+
+
+def test_unknown_key_suggests_the_closest_known_one(tmp_path: Path) -> None:
+    known = ", ".join(sorted(field.name for field in dataclasses.fields(DownloadConfig)))
+    assert _error(tmp_path, RUN + "download: {timeoutt: 3}\n") == (
+        f"unknown key download.timeoutt, did you mean download.timeout? (known keys here: {known})")
+    assert _error(tmp_path, RUN + "download: {speed: 3}\n") == f"unknown key download.speed (known keys here: {known})"
+
+
+def test_a_replaced_key_says_what_to_write_instead(tmp_path: Path) -> None:
+    message = _error(tmp_path, "run: {input: a.csv, output: out, allow_private_networks: true}\n")
+    assert message == f"run.allow_private_networks was replaced: {RunConfig.REPLACED_KEYS['allow_private_networks']}"
+    assert "download.allow_networks" in message
+
+
+def test_the_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    assert _error(tmp_path, "- run\n- download\n") == "the top level: expected a mapping, got list ['run', 'download']"
+    assert _error(tmp_path, "") == "missing required key run"  # an empty file is an empty mapping
 
 
 def test_wrong_type_names_key(tmp_path: Path) -> None:
@@ -149,7 +168,8 @@ PIPELINE_NUMBERS = list(_numeric_fields(PipelineConfig, ""))
 
 
 def test_every_number_has_a_documented_range() -> None:
-    assert len(PIPELINE_NUMBERS) == 58
+    # 57 for the default stages; caption_language adds 5 and filip_score 7 (each with its resources)
+    assert len(PIPELINE_NUMBERS) == 69
     unranged = [key for key, field, _ in PIPELINE_NUMBERS if field_range(field) is None]
     assert unranged == []
 
