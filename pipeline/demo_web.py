@@ -104,13 +104,18 @@ def generate_sample_web(folder: Path, n_images: int = 240, seed: int = 0) -> lis
               ("/loop/1", "redirect_loop")]
     for j in range(3):
         for path, expect in faults:
-            rows.append({"path": f"{path}?n={j}", "caption": "a broken link", "expect": expect})
+            rows.append({"path": f"{path}?n={j}", "caption": "a photo behind a broken link", "expect": expect})
     for j, (name, _, caption) in enumerate(kept[24:27]):
         rows.append({"path": f"/truncated/{name}", "caption": caption, "expect": "truncated_image"})
     for j, (name, _, caption) in enumerate(kept[27:29]):
         rows.append({"path": f"/slow/{name}", "caption": caption, "expect": "timeout"})
     for j, (name, _, caption) in enumerate(kept[29:31]):
         rows.append({"path": f"/noai/{name}", "caption": caption, "expect": "robots_optout"})
+    # Captions in other languages: the caption-language stage drops them before any fetch.
+    foreign = ["ein roter Kreis und ein blaues Quadrat auf grünem Hintergrund",
+               "красный круг и синий квадрат на зелёном фоне", "绿色背景上的红色圆形和蓝色正方形"]
+    for j, ((name, _, _), text) in enumerate(zip(kept[31:34], foreign)):
+        rows.append({"path": f"/img/{name}?lang={j}", "caption": text, "expect": "caption_language"})
     return rows
 
 

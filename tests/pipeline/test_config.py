@@ -230,7 +230,8 @@ def test_every_choice_is_checked_at_load(key: str, choices: tuple[str, ...]) -> 
 def test_choice_fields_are_the_enumerated_keys() -> None:
     assert [key for key, _ in PIPELINE_CHOICES] == [
         "run.input_format", "download.resize_mode", "download.encode_format", "backtranslation.device",
-        "backtranslation.dtype", "backtranslation.engine", "backtranslation.fast_attention"]
+        "backtranslation.dtype", "backtranslation.engine", "backtranslation.compute_type",
+        "backtranslation.fast_attention", "caption_language.accuracy", "filip_score.device"]
 
 
 def test_range_ends_are_allowed(tmp_path: Path) -> None:

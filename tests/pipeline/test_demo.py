@@ -18,13 +18,13 @@ def test_demo_builds_trains_and_evaluates(tmp_path, ray_session, capsys) -> None
 
     # The sample web says what should happen to each URL; every row ends exactly so.
     expected = list(csv.DictReader((tmp_path / "demo-output-web" / "urls.csv").open()))
-    decisions = pq.read_table(out / "decisions.parquet").to_pylist()
+    decisions = pq.read_table(out / "decisions").sort_by("row_id").to_pylist()
     assert len(decisions) == len(expected)
     assert [d["reason"] or d["status"] for d in decisions] == [e["expect"] for e in expected]
 
     stats = json.loads((out / "stats.json").read_text())
-    assert [s["stage"] for s in stats["stages"]] == ["input", "download", "inspect", "dedup", "unsafe",
-                                                    "backtranslate"]
+    assert [s["stage"] for s in stats["stages"]] == ["input", "caption_language", "download", "inspect",
+                                                    "dedup", "unsafe", "backtranslate"]
     assert not any(s["skipped"] for s in stats["stages"])
     # The demo's few hundred rows are searched in the driver (the pipeline tests run the shuffle).
     dedup = next(s for s in stats["stages"] if s["stage"] == "dedup")
