@@ -14,6 +14,13 @@ _REQUIRED_FILES: tuple[str, ...] = ("config.json", "source.spm", "target.spm", "
 _WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
 
 
+# What engine="auto" and compute_type="auto" mean per device, chosen by bench/backtranslate.py
+# (docs/BENCHMARKS.md): on 2 CPU threads CTranslate2 translated faster than both transformers engines.
+# The GPU keeps the fast greedy loop with CUDA graphs until CTranslate2 is measured on a GPU.
+AUTO_ENGINE: dict[str, str] = {"cpu": "ctranslate2", "cuda": "transformers"}
+AUTO_COMPUTE_TYPE: dict[str, str] = {"cpu": "float32"}
+
+
 class MissingModelError(FileNotFoundError):
     """A configured back-translation model is neither a local folder nor in the local HF cache."""
 
@@ -34,11 +41,17 @@ class BackTranslationConfig:
     models: dict[str, str] = field(default_factory=_default_models)
     batch_size: int = ranged(256, "[1, inf)")
     max_input_tokens: int = ranged(128, "[2, inf)")  # longer inputs are truncated (and counted)
-    num_beams: int = ranged(1, "[1, inf)")  # greedy by default; >1 goes through transformers' generate
+    num_beams: int = ranged(1, "[1, inf)")  # greedy by default; >1: beam search (generate or ctranslate2)
     max_new_tokens: int = ranged(128, "[1, inf)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on cuda, float32 on cpu
-    engine: Literal["auto", "fast", "generate"] = "auto"  # auto: the fast greedy loop when num_beams == 1
+    # transformers: the fast greedy loop when num_beams == 1, else generate; ctranslate2: the model
+    # converted once to CTranslate2 (ct2_engine.py). auto: by measurement per device (AUTO_ENGINE).
+    engine: Literal["auto", "transformers", "fast", "generate", "ctranslate2"] = "auto"
+    # ctranslate2 only. auto: the measured choice on CPU (AUTO_COMPUTE_TYPE), the dtype on a GPU.
+    compute_type: Literal["auto", "float32", "int8", "int8_float32", "int16", "float16", "bfloat16",
+                          "int8_float16", "int8_bfloat16"] = "auto"
+    ct2_cache_dir: str = ""  # conversions of hub models and read-only folders; "": ~/.cache/filip/ct2
     cuda_graphs: bool = True  # replay each decode step as a CUDA graph (GPU, fast engine only)
     # sdpa: same tokens as generate (checked on an H100); matmul: ~15% faster on an H100, but in
     # float16 about 1% of sequences differ from generate's by rounding (docs/BENCHMARKS.md).

@@ -25,7 +25,7 @@ def train_sentencepiece(corpus: list[str], path: Path, vocab_size: int = 256) ->
     path.write_bytes(buffer.getvalue())
 
 
-def _marian_vocab(spm_path: Path) -> dict[str, int]:
+def marian_vocab(spm_path: Path) -> dict[str, int]:
     """Marian's layout: </s> = 0, <unk> = 1, the pieces, then <pad> last (it is also the decoder start)."""
     import sentencepiece as spm
 
@@ -54,7 +54,7 @@ def build_tiny_marian(out_dir: Path, spm_path: Path, seed: int = 0, repeat_piece
 
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_path = out_dir / "vocab.build.json"
-    vocab = _marian_vocab(spm_path)
+    vocab = marian_vocab(spm_path)
     vocab_path.write_text(json.dumps(vocab))
     tokenizer = MarianTokenizer(source_spm=str(spm_path), target_spm=str(spm_path), vocab=str(vocab_path))
     pad = vocab["<pad>"]

@@ -6,10 +6,11 @@ import re
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from .config import DIRECTIONS, BackTranslationConfig, check_models
 from .degenerate import REASONS, degenerate_reason
+from .engines import LoadedDirection, load_direction
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,6 @@ class SharedCache(Protocol):
     def lookup(self, keys: list[str]) -> dict[str, Pair]: ...
 
 
-@dataclass
-class _Direction:
-    tokenizer: Any
-    model: Any
-    fast: Any  # FastGreedyDecoder or None (then transformers' generate)
-
-
 class BackTranslator:
     """Loads the four MarianMT models once (``setup``) and back-translates batches of captions.
 
@@ -82,7 +76,7 @@ class BackTranslator:
         self.config = config
         self.shared_cache = shared_cache
         self.wait_timeout_s = wait_timeout_s
-        self._directions: dict[str, _Direction] = {}
+        self._directions: dict[str, LoadedDirection] = {}
         # normalised caption -> (de, ru); None marks a degenerate back-translation.
         self._cache: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         self.device = "cpu"
@@ -93,34 +87,22 @@ class BackTranslator:
             return
         check_models(self.config)
         import torch
-        from transformers import MarianMTModel, MarianTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one bar per model and actor is noise in a pipeline log
-
-        from .fast_greedy import FastGreedyDecoder, unsupported_generation_options
-
         cfg = self.config
         self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) \
             else "cpu"
         dtype_name = cfg.dtype if cfg.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
-        dtype = getattr(torch, dtype_name)
         for direction in DIRECTIONS:
-            name = cfg.models[direction]
-            tokenizer = MarianTokenizer.from_pretrained(name, local_files_only=True)
-            model = MarianMTModel.from_pretrained(name, local_files_only=True, dtype=dtype)
-            model = model.to(self.device).eval()
-            fast = None
-            wants_fast = cfg.engine == "fast" or (cfg.engine == "auto" and cfg.num_beams == 1)
-            if wants_fast and cfg.num_beams == 1:
-                problems = unsupported_generation_options(model)
-                if problems and cfg.engine == "fast":
-                    raise ValueError(f"backtranslation.engine=fast cannot honour {problems} of {name!r}")
-                if not problems:
-                    fast = FastGreedyDecoder(model, cuda_graphs=cfg.cuda_graphs, attention=cfg.fast_attention)
-            self._directions[direction] = _Direction(tokenizer, model, fast)
-        logger.info("back-translation models loaded on %s (%s, engine %s)", self.device, dtype_name,
-                    "fast" if self._directions["en_de"].fast else "generate")
+            self._directions[direction] = load_direction(cfg.models[direction], cfg, self.device, dtype_name)
+        logger.info("back-translation models loaded on %s (%s, engines %s)", self.device, dtype_name,
+                    sorted({d.engine for d in self._directions.values()}))
+
+    @property
+    def engines(self) -> dict[str, str]:
+        """The engine of each loaded direction (fast, generate or ctranslate2)."""
+        return {direction: d.engine for direction, d in self._directions.items()}
 
     def teardown(self) -> None:
         """Free the models (and GPU memory) and forget the cache."""
@@ -232,6 +214,8 @@ class BackTranslator:
                 counters["truncated"] += 1
                 ids[i] = seq[:cfg.max_input_tokens - 1] + [tok.eos_token_id]
         counters["model_inputs"] += len(texts)
+        if d.ct2 is not None:
+            return d.ct2.translate(ids, cfg.num_beams, cfg.max_new_tokens, cfg.batch_size)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[str] = [""] * len(ids)
         # Graph shapes are reused when source lengths are rounded up to a multiple of 8.

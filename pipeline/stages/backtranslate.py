@@ -12,13 +12,25 @@ from collections import OrderedDict
 
 import pyarrow as pa
 
-from filters.backtranslation import BackTranslationConfig, BackTranslator
+from dataclasses import dataclass, field
+
+from filters.backtranslation import BackTranslationConfig, BackTranslator, check_models
+from pipeline.registry import StageSpec, register_stage
+from pipeline.schema import CAPTION_BT_DE, CAPTION_BT_RU
 from pipeline.stage import RecordStage, Resources
 
 PENDING = None  # claimed, translation not yet delivered
 # Column of the back-translation through each pivot, and of why it is null (DEGENERATE) or null.
-COLUMNS = {"de": "caption_bt_de", "ru": "caption_bt_ru"}
+COLUMNS = {"de": CAPTION_BT_DE, "ru": CAPTION_BT_RU}
 REASON_COLUMNS = {pivot: f"{column}_reason" for pivot, column in COLUMNS.items()}
+
+
+
+@dataclass
+class BackTranslationStageConfig(BackTranslationConfig):
+    """Caption back-translation through German and Russian (MarianMT)."""
+
+    resources: Resources = field(default_factory=Resources)
 
 
 class TranslationCache:
@@ -123,3 +135,30 @@ class BackTranslateStage(RecordStage):
         for name, values in columns.items():
             batch = batch.append_column(name, pa.array(values, pa.string()))
         return batch
+
+
+def report_section(storage, summary: dict) -> str:
+    """The cache hit rate and the degenerate back-translations left null."""
+    from html import escape
+
+    stage = next((s for s in summary["stages"] if s["stage"] == "backtranslate"), None)
+    if stage is None or stage.get("skipped"):
+        body = '<p class="note">The back-translation stage was skipped or not configured in this run.</p>'
+    else:
+        counters = stage.get("counters", {})
+        hits, misses = counters.get("cache_hits", 0), counters.get("cache_misses", 0)
+        rate = f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "-"
+        fallbacks = {k: v for k, v in sorted(counters.items()) if k.startswith("fallback_")}
+        rows = "".join(f"<tr><td>{escape(k)}</td><td class='n'>{v:,}</td></tr>" for k, v in fallbacks.items())
+        body = (f'<p id="bt-hit-rate" data-hits="{hits}" data-misses="{misses}">Cache hit rate: {rate} '
+                f"({hits:,} hits, {misses:,} misses). Degenerate back-translations, left null: "
+                f"{sum(fallbacks.values()):,}.</p><table id=\"bt-fallbacks\"><tr><th>fallback</th><th>rows</th>"
+                f"</tr>{rows or '<tr><td colspan=2>none</td></tr>'}</table>")
+    return f'<section id="backtranslate"><h2>Back-translation</h2>{body}</section>'
+
+
+register_stage(StageSpec(
+    name="backtranslate", section="backtranslation", config=BackTranslationStageConfig,
+    build=lambda section, ctx: [BackTranslateStage(ctx.output, ctx.input_stage, section, section.resources)],
+    columns=(*COLUMNS.values(), *REASON_COLUMNS.values()), check=check_models, report=report_section,
+    description="caption back-translation EN->DE->EN and EN->RU->EN with MarianMT"))

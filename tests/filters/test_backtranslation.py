@@ -5,12 +5,13 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from filters.backtranslation import (
     BackTranslationConfig, BackTranslator, MissingModelError, check_models, degenerate_reason)
-from tests.tiny_marian import build_tiny_marian, build_tiny_marian_models
+from tests.tiny_marian import DIRECTIONS, build_tiny_marian, build_tiny_marian_models
 
 # Thresholds off: random tiny models babble, and the plumbing tests must see the raw outputs.
 RAW = dict(max_ngram_repeats=0, max_length_ratio=1e6)
@@ -174,3 +175,118 @@ def test_cuda_graph_engine_matches_generate(tiny_models: dict[str, str], corpus:
     assert graphs._directions["en_de"].fast.use_graphs
     a, b = graphs.translate(captions), plain.translate(captions)
     assert (a.de, a.ru) == (b.de, b.ru)
+
+
+def test_auto_engine_on_cpu_is_ctranslate2(tiny_models: dict[str, str]) -> None:
+    from filters.backtranslation.config import AUTO_COMPUTE_TYPE, AUTO_ENGINE
+
+    assert (AUTO_ENGINE["cpu"], AUTO_COMPUTE_TYPE["cpu"]) == ("ctranslate2", "float32")
+    translator = make(tiny_models, max_new_tokens=8, **RAW)
+    assert translator.engines == {d: "ctranslate2" for d in DIRECTIONS}
+    assert make(tiny_models, engine="transformers", **RAW).engines == {d: "fast" for d in DIRECTIONS}
+    assert make(tiny_models, engine="transformers", num_beams=2, **RAW).engines == {d: "generate" for d in DIRECTIONS}
+
+
+def test_ctranslate2_float32_matches_generate(tiny_models: dict[str, str], repeating_model: str,
+                                              corpus: list[str]) -> None:
+    captions = corpus[100:148] + [" ".join(corpus[:5])]  # one input truncated to max_input_tokens
+    common = dict(batch_size=16, max_new_tokens=20, max_input_tokens=32, **RAW)
+    ct2 = make(tiny_models, engine="ctranslate2", compute_type="float32", **common)
+    plain = make(tiny_models, engine="generate", **common)
+    assert ct2.engines == {d: "ctranslate2" for d in DIRECTIONS}
+    a, b = ct2.translate(captions), plain.translate(captions)
+    assert (a.de, a.ru) == (b.de, b.ru)  # exact: same weights, same float32 greedy arithmetic
+    assert len(set(a.de)) > 10 and a.counters == b.counters
+    # A runaway model: both stop at max_new_tokens (generate forces EOS as the last token).
+    runaway = {**tiny_models, "de_en": repeating_model}
+    c = make(runaway, engine="ctranslate2", max_new_tokens=12).translate(captions[:4])
+    d = make(runaway, engine="generate", max_new_tokens=12).translate(captions[:4])
+    assert (c.de, c.de_reason, c.counters) == (d.de, d.de_reason, d.counters)
+    assert c.de == [None] * 4 and c.counters["fallback_repetition"] >= 4
+
+
+def _one_model_everywhere(folder: str) -> dict[str, str]:
+    return {d: folder for d in DIRECTIONS}
+
+
+def test_conversion_is_cached_beside_the_model_and_redone_when_it_changes(
+        tiny_models: dict[str, str], corpus: list[str], tmp_path: Path) -> None:
+    spm = Path(tiny_models["en_de"]).parent / "shared.spm"
+    folder = build_tiny_marian(tmp_path / "model", spm, seed=11)
+    settings = dict(engine="ctranslate2", compute_type="float32", max_new_tokens=12, **RAW)
+    first = make(_one_model_everywhere(folder), **settings)
+    # The same folder in all four directions: the first load converts, the other three reuse it.
+    assert [d.converted for d in first._directions.values()] == [True, False, False, False]
+    (converted,) = Path(folder).glob("ct2-float32-*")
+    weights_mtime = (converted / "model.bin").stat().st_mtime_ns
+    second = make(_one_model_everywhere(folder), **settings)
+    assert not any(d.converted for d in second._directions.values())
+    assert (converted / "model.bin").stat().st_mtime_ns == weights_mtime
+    assert first.translate(corpus[:20]).de == second.translate(corpus[:20]).de
+    build_tiny_marian(tmp_path / "model", spm, seed=12)  # new weights in the same folder
+    changed = make(_one_model_everywhere(folder), **settings)
+    assert [d.converted for d in changed._directions.values()] == [True, False, False, False]
+    (reconverted,) = Path(folder).glob("ct2-float32-*")  # the stale conversion is gone
+    assert reconverted != converted
+    new = make(_one_model_everywhere(folder), engine="generate", max_new_tokens=12, **RAW)
+    assert changed.translate(corpus[:20]).de == new.translate(corpus[:20]).de != first.translate(corpus[:20]).de
+
+
+def test_hub_model_converts_into_the_cache_dir(tiny_models: dict[str, str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import huggingface_hub.constants
+
+    from filters.backtranslation.ct2_engine import converted_model
+
+    # A hub model as the Hugging Face cache stores it: refs/main names the snapshot folder.
+    hub = tmp_path / "hub"
+    repo = hub / "models--tiny-org--opus-mt-en-de"
+    shutil.copytree(tiny_models["en_de"], repo / "snapshots" / "0123abc", ignore=shutil.ignore_patterns("ct2-*"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    cache = tmp_path / "ct2-cache"
+    path, converted = converted_model("tiny-org/opus-mt-en-de", "int8", str(cache))
+    assert converted and path.parent.parent == cache
+    assert path.parent.name.startswith("tiny-org--opus-mt-en-de-") and path.name.startswith("ct2-int8-")
+    assert (path / "model.bin").is_file()
+    assert not list(repo.rglob("ct2-*"))  # nothing written into the Hugging Face cache
+    assert converted_model("tiny-org/opus-mt-en-de", "int8", str(cache)) == (path, False)
+
+
+def _convert_after_barrier(folder: str, barrier: Any, results: Any) -> None:
+    """An actor's conversion, made to start only once the other process has started its own too."""
+    from filters.backtranslation import ct2_engine
+
+    real_convert = ct2_engine._convert
+
+    def convert_together(*args: Any) -> None:
+        barrier.wait()
+        real_convert(*args)
+
+    ct2_engine._convert = convert_together
+    path, converted = ct2_engine.converted_model(folder, "float32")
+    results.put((str(path), converted))
+
+
+def test_concurrent_conversions_leave_one_winner(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    import multiprocessing
+
+    spm = Path(tiny_models["en_de"]).parent / "shared.spm"
+    folder = build_tiny_marian(tmp_path / "model", spm, seed=14)
+    context = multiprocessing.get_context("spawn")  # two processes, as two Ray actors are
+    barrier, results = context.Barrier(2, timeout=240), context.Queue()
+    workers = [context.Process(target=_convert_after_barrier, args=(folder, barrier, results)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    # Both converted (the barrier saw to it); one rename won, the other process used the winner's.
+    assert sorted(converted for _, converted in outcomes) == [False, True]
+    assert outcomes[0][0] == outcomes[1][0] and (Path(outcomes[0][0]) / "model.bin").is_file()
+    assert sorted(p.name for p in Path(folder).iterdir() if p.name.startswith((".ct2", "ct2"))) == \
+        [Path(outcomes[0][0]).name]  # the loser's temporary folder is removed

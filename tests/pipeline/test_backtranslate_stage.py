@@ -91,3 +91,23 @@ def test_degenerate_back_translation_is_null_with_reason_column(tmp_path, tiny_m
     assert stats.counters["degenerate_rows_de"] == len(captions)
     assert stats.counters["degenerate_rows_ru"] == ru.count(None)
     assert stats.counters["fallback_repetition"] >= stats.counters["translated"] > 0
+
+
+def test_stage_with_ctranslate2_writes_what_transformers_writes(tmp_path, tiny_marian_models) -> None:
+    tables = {}
+    for engine in ("ctranslate2", "generate"):
+        storage = Storage(str(tmp_path / engine))
+        shards, captions = _shards(storage, n_shards=1)
+        config = BackTranslationConfig(models=tiny_marian_models, max_new_tokens=12, device="cpu", engine=engine,
+                                       compute_type="float32", max_ngram_repeats=0, max_length_ratio=1e6)
+        stage = BackTranslateStage(storage.url, "unsafe", config, Resources(num_cpus=1, batch_size=4))
+        stats = stage.run_shard(shards[0])
+        assert stage.translator.engines == dict.fromkeys(tiny_marian_models, engine)
+        stage.teardown()
+        assert stats.rows_in == stats.rows_out == len(captions)
+        tables[engine] = storage.read_parquet(f"backtranslate/{shards[0]}.parquet")
+    ct2, plain = tables["ctranslate2"], tables["generate"]
+    assert ct2.column_names == plain.column_names
+    for column in ("caption_bt_de", "caption_bt_ru", "caption_bt_de_reason", "caption_bt_ru_reason"):
+        assert ct2[column].to_pylist() == plain[column].to_pylist()
+    assert len(set(ct2["caption_bt_de"].to_pylist())) > 3  # real, input-dependent outputs
