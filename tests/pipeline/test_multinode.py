@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import select
 import shutil
 import subprocess
 import sys
@@ -36,29 +37,71 @@ SETTINGS = {"unsafe": {"enabled": False}, "run": {"shard_size": 8}}
 BUILD_TIMEOUT = 420
 
 
-@pytest.fixture
-def ray_cluster(monkeypatch) -> Iterator[tuple[object, list]]:
-    """A head and two worker nodes of one CPU each: one actor of a stage per node."""
-    from ray.cluster_utils import Cluster
+# The cluster lives in its own process: a Cluster object in the test process changes this process's
+# Ray state (its node and session), and a later in-process Ray Data job then ended the session.
+CLUSTER_SCRIPT = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes(timeout=60)
+print(cluster.address, flush=True)
+for line in sys.stdin:
+    command, _, arg = line.strip().partition(" ")
+    if command == "remove":
+        cluster.remove_node(workers[int(arg)])
+        print("removed", flush=True)
+    elif command == "quit":
+        break
+for node in list(cluster.worker_nodes):
+    cluster.remove_node(node)
+cluster.remove_node(cluster.head_node)
+"""
 
+
+class ClusterProcess:
+    """A head and two worker nodes started by a child process, driven through its stdin."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.address = self._answer(timeout=180)
+
+    def _answer(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the cluster process did not answer within {timeout} s")
+        return line.strip()
+
+    def remove_worker(self, index: int) -> None:
+        self.process.stdin.write(f"remove {index}\n")
+        self.process.stdin.flush()
+        assert self._answer(timeout=120) == "removed"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[ClusterProcess]:
+    """A head and two worker nodes of one CPU each: one actor of a stage per node."""
     # The cluster's address file and sockets go here, not in /tmp/ray: a plain ray.init() elsewhere
     # on this machine (other tests, other users) would otherwise join this cluster while it runs.
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths are limited to 107 bytes
-    monkeypatch.setenv("RAY_TMPDIR", temp)
     cluster = None
     try:
-        cluster = Cluster(initialize_head=True, connect=False,
-                          head_node_args={"num_cpus": 1, "include_dashboard": False})
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes(timeout=60)
-        yield cluster, workers
+        cluster = ClusterProcess(dict(os.environ, RAY_TMPDIR=temp))
+        yield cluster
     finally:
-        # Node by node: Cluster.shutdown() would also reset this process's own Ray client state.
         if cluster is not None:
-            for node in list(cluster.worker_nodes):
-                cluster.remove_node(node)
-            if cluster.head_node is not None:
-                cluster.remove_node(cluster.head_node)
+            cluster.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -130,7 +173,7 @@ def single_node_run(s3_bucket: str, url_list, ray_session) -> tuple[str, str]:
 
 def test_build_survives_a_node_removed_mid_stage(single_node_run, ray_cluster, tmp_path) -> None:
     input_url, bucket = single_node_run
-    cluster, workers = ray_cluster
+    cluster = ray_cluster
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(to_dict(make_config(input_url, f"{bucket}/multi", **SETTINGS))))
     process, lines = start_build(config_path, cluster.address, tmp_path)
@@ -138,7 +181,7 @@ def test_build_survives_a_node_removed_mid_stage(single_node_run, ray_cluster, t
     try:
         deadline = time.monotonic() + BUILD_TIMEOUT
         assert read_until(lines, seen, "[download] shard", deadline), "\n".join(seen[-40:])
-        cluster.remove_node(workers[0])  # mid-stage: the other shards of the stage are in flight
+        cluster.remove_worker(0)  # mid-stage: the other shards of the stage are in flight
         read_until(lines, seen, None, deadline)
         process.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
