@@ -150,7 +150,7 @@ def _histogram(values: list[float], title: str, xlabel: str, element_id: str, lo
     return _img(figure_to_data_uri(figure), title, element_id)
 
 
-def _valid(values: pa.Array | pa.ChunkedArray) -> list[float]:
+def valid_values(values: pa.Array | pa.ChunkedArray) -> list[float]:
     return [v for v in pc.drop_null(values).to_pylist() if v == v]  # v == v drops NaN
 
 
@@ -162,13 +162,13 @@ def _distributions_section(storage: Storage) -> str:
     else:
         # Failed downloads have no size; only images that arrived tell the size distribution.
         ok = sizes.filter(pc.and_(pc.is_valid(sizes["original_width"]), pc.is_valid(sizes["original_height"])))
-        widths, heights = _valid(ok["original_width"]), _valid(ok["original_height"])
+        widths, heights = valid_values(ok["original_width"]), valid_values(ok["original_height"])
         aspects = [w / h for w, h in zip(widths, heights) if h]
         words = pc.list_value_length(pc.utf8_split_whitespace(pc.fill_null(sizes["caption"].cast(pa.string()), "")))
         plots += [_histogram(widths, "original width", "pixels", "hist-width"),
                   _histogram(heights, "original height", "pixels", "hist-height"),
                   _histogram(aspects, "aspect ratio", "width / height", "hist-aspect"),
-                  _histogram(_valid(words), "caption length", "words (split on whitespace)", "hist-caption")]
+                  _histogram(valid_values(words), "caption length", "words (split on whitespace)", "hist-caption")]
     shards = len(storage.glob("download/[0-9]*.parquet"))
     if shards > MAX_FILES:
         note += f'<p class="note">Histograms read {MAX_FILES} of {shards:,} shards, evenly spaced.</p>'
@@ -186,8 +186,6 @@ def histogram_section(stage: str, title: str, values: list[float] | None, plot_t
         values, plot_title, xlabel, element_id, log=log, unit=unit)
     return f'<section id="stage-{escape(stage)}"><h2>{escape(title)}</h2>{body}</section>'
 
-
-valid_values = _valid
 
 
 def _stage_sections(storage: Storage, summary: dict) -> list[str]:

@@ -106,11 +106,8 @@ def ray_cluster() -> Iterator[ClusterProcess]:
 
 
 def read_decisions(storage: Storage) -> list[dict]:
-    """Every row's decision, from `decisions.parquet` or the per-shard `decisions/` folder."""
-    if storage.exists("decisions.parquet"):
-        table = storage.read_parquet("decisions.parquet")
-    else:
-        table = pa.concat_tables([storage.read_parquet(rel) for rel in storage.glob("decisions/*.parquet")])
+    """Every row's decision, from the per-shard `decisions/` folder."""
+    table = pa.concat_tables([storage.read_parquet(rel) for rel in storage.glob("decisions/*.parquet")])
     return sorted(table.to_pylist(), key=lambda row: row["row_id"])
 
 
