@@ -81,7 +81,7 @@ def run_pipeline(config: Path, work: Path) -> tuple[CommandRun, dict]:
     stats = filipbuild.stage_stats(work / "out")
     stages = stats["stages"]
     return run, {"phases_seconds": filipbuild.phases(run), "phases_cpu_seconds": filipbuild.phase_cpu(run),
-                 "stats_json": stats, "rows_kept": stages["backtranslate"]["rows_out"]}
+                 "cpu_by_process": run.cpu_by_name, "stats_json": stats, "rows_kept": stages["backtranslate"]["rows_out"]}
 
 
 def run_loop(config: Path, work: Path) -> tuple[CommandRun, dict]:
@@ -102,13 +102,15 @@ def _median(values: list[float]) -> float:
 
 
 def stage_cpu(build_phases: list[dict], loop_stages: list[dict]) -> dict[str, dict]:
-    """Per stage, the median core-seconds of the build's phase and of the loop's stage, and their
-    ratio. The build's start-up phases (imports, input, Ray's start) and its tail have no loop
-    stage: the loop's own imports are in its total only."""
+    """Per phase of the build that runs loop stages (one stage, or stages run together on the same
+    actors, "a+b"), the median core-seconds of that phase and of the loop's same stages summed,
+    and their ratio. The build's start-up phases (imports, input, Ray's start) and its tail have no
+    loop stage: the loop's own imports are in its total only."""
     out = {}
-    for name in loop_stages[0]:
+    names = [name for name in build_phases[0] if set(name.split("+")) <= set(loop_stages[0])]
+    for name in names:
         build = _median([phases.get(name, 0.0) for phases in build_phases])
-        loop = _median([stages[name]["cpu_seconds"] for stages in loop_stages])
+        loop = _median([sum(stages[part]["cpu_seconds"] for part in name.split("+")) for stages in loop_stages])
         out[name] = {"build": build, "loop": loop, "ratio": round(build / loop, 2) if loop else None}
     return out
 

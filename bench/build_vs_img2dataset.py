@@ -92,7 +92,7 @@ def run_filip(url_list: Path, work: Path, settings: dict) -> tuple[CommandRun, d
     stats = filipbuild.stage_stats(output)
     extra = {"phases_seconds": filipbuild.phases(run), "phases_cpu_seconds": filipbuild.phase_cpu(run),
              "stages_run": [name for name, s in stats["stages"].items() if not s["skipped"]]
-             + list(stats["steps"]), "stats_json": stats}
+             + list(stats["steps"]), "stats_json": stats, "cpu_by_process": run.cpu_by_name}
     return run, {**downloaded(output / "download"), **extra}
 
 

@@ -27,16 +27,25 @@ def phases(run: CommandRun) -> dict[str, float]:
 
     `start_to_input`: the command's start to the `[input]` line (imports, config, input shards);
     `ray_start`: from there until the raylet's process was first sampled (Ray's start up to its
-    raylet; the driver's connection after it counts in the download phase); then each
-    progress tag (download, inspect, ..., decisions, shards) from the previous boundary to its last
-    line; `after_last_line`: the last line to the command's exit (writing stats.json, Ray's
-    shutdown, the interpreter's exit). The phases add up to the wall clock.
+    raylet; the driver's connection after it counts in the next phase); then one phase per group
+    of stages that run together (the build's `[stages] a+b: ...` line starts it: their shards
+    flow from stage to stage on the same actors, so they have no separate times), and one per
+    other progress tag (decisions, shards), each from the previous boundary to its last line;
+    `after_last_line`: the last line to the command's exit (writing stats.json, Ray's shutdown,
+    the interpreter's exit). The phases add up to the wall clock.
     """
     last: dict[str, float] = {}
     first_input, ray_started = None, run.first_seen.get(RAY_PROCESS)
+    group: list[str] = []  # the stages of the latest `[stages]` line
     for seconds, line in run.lines:
         tag = line[1:].split("]", 1)[0]
-        last[tag] = seconds
+        if tag == "stages":
+            label = line.split("]", 1)[1].strip().split(":", 1)[0]
+            group = label.split("+")
+            last[label] = seconds
+            continue
+        phase = "+".join(group) if tag in group else tag
+        last[phase] = seconds
         if tag == "input" and first_input is None:
             first_input = seconds
     out: dict[str, float] = {}

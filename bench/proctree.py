@@ -51,6 +51,7 @@ class CommandRun:
     rusage_cpu_seconds: float
     sampled_cpu_seconds: float
     process_names: dict[str, int]      # name -> distinct processes of that name seen in the tree
+    cpu_by_name: dict[str, float]      # name -> sampled CPU seconds of the processes of that name
     first_seen: dict[str, float]       # name -> seconds since start when one was first sampled
     left_running: list[str]            # descendants still alive after the command exited
     load_start: list[float]
@@ -71,7 +72,7 @@ class CommandRun:
                 "rusage_cpu_seconds": round(self.rusage_cpu_seconds, 2),
                 "sampled_cpu_seconds": round(self.sampled_cpu_seconds, 2),
                 "load_start": self.load_start, "load_end": self.load_end,
-                "process_names": self.process_names, "first_seen": self.first_seen,
+                "process_names": self.process_names, "cpu_by_name": self.cpu_by_name, "first_seen": self.first_seen,
                 "left_running": self.left_running}
 
 
@@ -168,12 +169,14 @@ def run_measured(command: list[str], log_path: Path, env: dict[str, str] | None 
     left = [f"{sampler.names[key]} (pid {key[0]})" for key, proc in sampler.known.items()
             if key[0] != process.pid and _alive(proc)]
     names: dict[str, int] = {}
-    for name in sampler.names.values():
+    cpu_by_name: dict[str, float] = {}
+    for key, name in sampler.names.items():
         names[name] = names.get(name, 0) + 1
+        cpu_by_name[name] = round(cpu_by_name.get(name, 0.0) + sampler.cpu.get(key, 0.0), 2)
     return CommandRun(command=command, returncode=returncode, wall_seconds=wall,
                       peak_rss_bytes=sampler.peak_rss, peak_processes=sampler.peak_processes,
                       rusage_cpu_seconds=_children_cpu() - cpu_before,
-                      sampled_cpu_seconds=sum(sampler.cpu.values()), process_names=names,
+                      sampled_cpu_seconds=sum(sampler.cpu.values()), process_names=names, cpu_by_name=cpu_by_name,
                       first_seen=sampler.first_seen,
                       left_running=left, load_start=load_start, load_end=load_average(),
                       lines=sorted(lines), series=sampler.series)

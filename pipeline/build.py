@@ -7,7 +7,7 @@ from typing import Callable
 from filters.web.address import AddressPolicy
 from pipeline.config import PipelineConfig
 from pipeline.input import prepare_input
-from pipeline.ray_adapter import init_ray, run_stage
+from pipeline.ray_adapter import StageRunner, init_ray, stage_segments
 from pipeline.run_folder import OutputInUse, check_output_outside_input, claim_output, record_config
 from pipeline.registry import StageContext, registered_stages
 from pipeline.stage import Stage, shard_stats
@@ -50,31 +50,6 @@ def check_before_work(config: PipelineConfig) -> None:
     check_output_outside_input(config.run)
 
 
-def _run_without_rows(stage: Stage, shards: list[str], progress: Callable[[str], None]) -> None:
-    """Write the stage's empty shards here, in the driver: with no row to score, starting workers
-    and loading a model (NudeNet, MarianMT) would cost minutes for nothing."""
-    pending = [s for s in shards if not stage.is_done(s)]
-    if pending:
-        stage.before_run()
-    for shard in pending:
-        stage.finish_shard(shard, stage.run_shard(shard))
-    progress(f"[{stage.name}] no rows left: {len(shards)} empty shard(s) written without workers")
-
-
-def _size_shuffles(n_shards: int) -> None:
-    # Ray Data's default of 200 shuffle partitions costs ~30 s of task overhead on a small run;
-    # one partition per input shard (at most 200) keeps partitions about a shard's size.
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
-    context = DataContext.get_current()
-    context.default_hash_shuffle_parallelism = max(1, min(200, n_shards))
-    # Task-based shuffles: no aggregator actors to start, which on a small run is most of the cost.
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> dict:
     """Run the pipeline; returns the merged statistics (also written to `<output>/stats.json`)."""
     from pipeline.decisions import write_decisions
@@ -91,24 +66,25 @@ def build(config: PipelineConfig, progress: Callable[[str], None] = print) -> di
              f"{len(shards)} shard(s), {input_stats.n_dropped} dropped")
     if shards:  # with nothing to download, every stage runs without workers: no Ray to start
         init_ray(config.run.ray_address)
-        _size_shuffles(len(shards))
     stages, skipped = pipeline_stages(config)
     all_stats = [input_stats]
     with_rows = list(shards)  # the shards whose rows are still kept after the last stage run
-    for stage in stages:
-        if with_rows:
-            run_stage(stage, shards, progress)
-        else:
-            _run_without_rows(stage, shards, progress)
-        per_shard = shard_stats(storage, stage.name, shards)
-        stats = merge_all(stage.name, per_shard.values())
-        with_rows = [s for s in shards if s in per_shard and per_shard[s].rows_out]
-        run_level = stage.run_counters()  # work done once for the whole run (the duplicate search)
-        if run_level:
-            progress(f"[{stage.name}] over all shards: {run_level}")
-            stats.seconds += float(run_level.pop("seconds", 0.0))
-            stats.counters.update(run_level)
-        all_stats.append(stats)
+    with StageRunner(stages, progress) as runner:
+        for segment in stage_segments(stages):
+            if with_rows:
+                runner.run(segment, shards)
+            else:
+                runner.run_in_driver(segment, shards)
+            for stage in segment:
+                per_shard = shard_stats(storage, stage.name, shards)
+                stats = merge_all(stage.name, per_shard.values())
+                with_rows = [s for s in shards if s in per_shard and per_shard[s].rows_out]
+                run_level = stage.run_counters()  # work done once for the whole run (the duplicate search)
+                if run_level:
+                    progress(f"[{stage.name}] over all shards: {run_level}")
+                    stats.seconds += float(run_level.pop("seconds", 0.0))
+                    stats.counters.update(run_level)
+                all_stats.append(stats)
     for name in skipped:
         previous = all_stats[-1].rows_out
         all_stats.append(StageStats(stage=name, rows_in=previous, rows_out=previous, skipped=True))

@@ -1,14 +1,16 @@
 """The download stage: guarded, bounded fetches written in img2dataset's format.
 
-The files under `<output>/download/` are img2dataset's: `NNNNN.tar` written by its
-`WebDatasetSampleWriter`, `NNNNN.parquet` (one row per input row, its columns plus `key`, `status`,
-`error_message`, sizes, `sha256`) and `NNNNN_stats.json` by its `write_stats` (to which
-`Stage.finish_shard` adds this stage's counters: one stats file per shard), keys by its
-`compute_key`. Two pieces of img2dataset are replaced, because they cannot be made safe from
-outside: its fetcher (urllib follows redirects to any address, has no deadline and reads bodies
-whole) by `filters/web/fetch.py`, and its cv2 resizer (decodes before any pixel check, ignores EXIF
-orientation, mangles 16-bit images) by `filters/web/image_encode.py`. Its per-shard loop is replaced
-with the one below, which also records each row's final URL, redirect count and attempts.
+The files under `<output>/download/` are img2dataset's: `NNNNN.tar` (per sample `<key>.jpg`,
+`.json`, `.txt`), `NNNNN.parquet` (one row per input row, its columns plus `key`, `status`,
+`error_message`, sizes, `sha256`) and `NNNNN_stats.json` (to which `Stage.finish_shard` adds this
+stage's counters: one stats file per shard), with img2dataset's keys. They are written by
+`pipeline/img2dataset_format.py`, which a test holds to img2dataset's own writer, as importing
+img2dataset costs each worker 3.3 CPU-seconds (torch, wandb, albumentations). Two more pieces of
+img2dataset are replaced, because they cannot be made safe from outside: its fetcher (urllib
+follows redirects to any address, has no deadline and reads bodies whole) by
+`filters/web/fetch.py`, and its cv2 resizer (decodes before any pixel check, ignores EXIF
+orientation, mangles 16-bit images) by `filters/web/image_encode.py`. Its per-shard loop is
+replaced with the one below, which also records each row's final URL, redirect count and attempts.
 
 A shard is written into a temporary folder and moved into place, then marked done, so a killed
 run never leaves a partial shard that looks complete.
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import pyarrow as pa
@@ -27,6 +29,7 @@ import pyarrow as pa
 from filters.web.address import AddressPolicy
 from filters.web.fetch import FetchResult, FetchSettings, fetch_with_retries
 from filters.web.image_encode import EncodeSettings, ImageRefused, encode_for_training
+from pipeline.img2dataset_format import WebDatasetShardWriter, compute_key, write_stats
 from pipeline.download_config import DownloadConfig
 from pipeline.registry import IMAGES_FROM, StageSpec, register_stage
 from pipeline.schema import DOWNLOAD_COLUMNS
@@ -91,29 +94,22 @@ class DownloadStage(Stage):
         tmp_rel = f"{self.name}/.tmp-{uuid.uuid4().hex[:8]}-{shard}"
         storage.makedirs(tmp_rel)
         try:
-            self._download_into(int(shard), rows, storage.full_url(tmp_rel))
-            # Rows are written in completion order (a thread pool); sorted by key, every later
-            # stage and a resumed run see the same order.
-            table = storage.read_parquet(f"{tmp_rel}/{shard}.parquet").sort_by("key")
-            storage.write_parquet(f"{tmp_rel}/{shard}.parquet", table)
+            # The parquet comes out sorted by key: every later stage and a resumed run see the
+            # same order, whatever order the thread pool finished the rows in.
+            written = self._download_into(int(shard), rows, storage.full_url(tmp_rel))
             # img2dataset's stats file last: other tools take it as img2dataset's completion mark.
             for suffix in (".tar", ".parquet", "_stats.json"):
                 storage.move(f"{tmp_rel}/{shard}{suffix}", f"{self.name}/{shard}{suffix}")
         finally:
             storage.remove(tmp_rel, recursive=True)
-        if table.num_rows != rows.num_rows:
-            raise RuntimeError(f"download shard {shard}: {table.num_rows} rows written for {rows.num_rows}")
-        stats = stats_from_decisions(self.name, download_decisions(table))
+        if written.num_rows != rows.num_rows:
+            raise RuntimeError(f"download shard {shard}: {written.num_rows} rows written for {rows.num_rows}")
+        stats = stats_from_decisions(self.name, download_decisions(written))
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def _download_into(self, shard_id: int, rows: pa.Table, folder: str) -> None:
-        # img2dataset's package imports albumentations, which asks PyPI for updates unless told not to.
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        from img2dataset.downloader import compute_key
-        from img2dataset.logger import CappedCounter, write_stats
-        from img2dataset.writer import WebDatasetSampleWriter
-
+    def _download_into(self, shard_id: int, rows: pa.Table, folder: str) -> pa.Table:
+        """Fetch and write the shard's files into `folder`; returns the rows' status columns."""
         cfg = self.config
         started = time.time()
         columns = ["url", "caption"] + [c for c in rows.column_names if c not in ("url", "caption")]
@@ -123,12 +119,12 @@ class DownloadStage(Stage):
                            ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
                            ("original_height", pa.int32()), ("sha256", pa.string()), *DOWNLOAD_COLUMNS):
             schema = schema.append(pa.field(name, kind))
-        writer = WebDatasetSampleWriter(shard_id, folder, True, OOM_SHARD_COUNT, schema, cfg.encode_format)
+        writer = WebDatasetShardWriter(shard_id, folder, schema, cfg.encode_format, OOM_SHARD_COUNT)
         fetching, encoding = fetch_settings(cfg), encode_settings(cfg)
         key_digits = math.ceil(math.log10(self.shard_size))  # img2dataset's digits for the index
         records = rows.to_pylist()
         counts = {"failed_to_download": 0, "failed_to_resize": 0, "success": 0}
-        messages = CappedCounter()
+        messages: Counter = Counter()
 
         def fetch_row(index: int) -> tuple[int, FetchResult]:
             return index, fetch_with_retries(records[index]["url"], fetching, cfg.retries, cfg.max_retry_wait)
@@ -141,11 +137,12 @@ class DownloadStage(Stage):
                 meta = {**records[index], "key": compute_key(index, shard_id, key_digits, OOM_SHARD_COUNT),
                         **meta}
                 counts[meta["status"]] += 1
-                messages.increment(meta["error_message"] or "success")
+                messages[meta["error_message"] or "success"] += 1
                 writer.write(image, meta["key"], meta["caption"], meta)
-        writer.close()
+        written = writer.close()
         write_stats(folder, shard_id, len(records), counts["success"], counts["failed_to_download"],
                     counts["failed_to_resize"], started, time.time(), messages, OOM_SHARD_COUNT)
+        return written
 
 
 def _row_outcome(fetched: FetchResult, encoding: EncodeSettings) -> tuple[dict, bytes | None]:

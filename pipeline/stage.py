@@ -51,6 +51,10 @@ class Stage(ABC):
     """One step of the pipeline over shards. Subclasses set `name` and implement `run_shard`."""
 
     name: ClassVar[str]
+    # True when before_run() needs every shard of the stage before it (a global search): the
+    # runner finishes the earlier stages first. Its workers may have started before it ran, so
+    # they read what it computed from storage, not from attributes it set.
+    barrier: ClassVar[bool] = False
 
     def __init__(self, output: str, resources: Resources | None = None):
         self.output = output
@@ -69,7 +73,14 @@ class Stage(ABC):
         return state
 
     def before_run(self) -> None:
-        """On the driver, once per run, before any worker starts (e.g. state the workers share)."""
+        """On the driver, once per run, before the stage's first shard (e.g. state the workers
+        share). A barrier stage's runs once the stage before it is complete; any other's may run
+        as early as the start of the pool of actors that will run it."""
+
+    def before_run_uses_cluster(self) -> bool:
+        """True when before_run() runs Ray tasks that need the cluster's CPUs: idle actors of
+        earlier stages must let go of them first."""
+        return False
 
     def after_run(self) -> None:
         """On the driver, once per run, after the last worker has stopped."""

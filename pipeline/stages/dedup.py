@@ -87,21 +87,32 @@ class DedupStage(RecordStage):
     (`exact_duplicate`, `near_duplicate`, `duplicate_caption_and_image`)."""
 
     name = "dedup"
+    barrier = True  # the search reads every shard's hashes; workers read its verdicts from files
 
     def __init__(self, output: str, input_stage: str, resources: Resources,
                  config: DedupStageConfig | None = None):
         super().__init__(output, input_stage, resources)
         self.config = config or DedupStageConfig(resources=resources)
 
+    def _kept_per_shard(self) -> tuple[list[str], dict[str, int]]:
+        """The run's shards, and the rows the stage before kept in each (from its stats files)."""
+        shards = self.storage.read_json("input/shards.json")
+        found = shard_stats(self.storage, self.input_stage, shards)
+        return shards, {s: stats.rows_out for s, stats in found.items() if stats.rows_out}
+
     def before_run(self) -> None:
         """The search over every shard at once, in the driver or as Ray tasks (resumable as a whole).
         Only shards that still hold kept rows are searched: one whose rows were all dropped earlier
         lacks the columns the search reads."""
-        shards = self.storage.read_json("input/shards.json")
-        with_rows = [s for s, stats in shard_stats(self.storage, self.input_stage, shards).items()
-                     if stats.rows_out]
-        counters = find_clusters(self.storage, self.input_stage, shards, self.config, with_rows)
+        shards, kept = self._kept_per_shard()
+        counters = find_clusters(self.storage, self.input_stage, shards, self.config, list(kept))
         log.info("dedup: clusters found over all shards: %s", counters)
+
+    def before_run_uses_cluster(self) -> bool:
+        """The distributed search (more kept rows than `single_machine_max_rows`) runs Ray tasks."""
+        if self.storage.exists(f"{CLUSTERS}/.done"):
+            return False
+        return sum(self._kept_per_shard()[1].values()) > self.config.single_machine_max_rows
 
     def run_counters(self) -> dict[str, float]:
         rel = f"{CLUSTERS}/counters.json"

@@ -127,6 +127,7 @@ class FilipCutStage(RecordStage):
 
     name = "filip_cut"
     needs_images = False
+    barrier = True  # the cut needs every shard's histogram; workers read it from cut.json
 
     def __init__(self, output: str, config: AgreementConfig, resources: Resources | None = None,
                  input_stage: str = FILIP_SCORE) -> None:
