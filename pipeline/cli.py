@@ -64,8 +64,13 @@ def _run_build(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.funnel import format_funnel
 
+    from pipeline.ray_adapter import stop_ray
+
     config = load_config(args.config, _overrides(args))
-    summary = build(config)
+    try:
+        summary = build(config)
+    finally:
+        stop_ray()
     print(format_funnel(summary))
     print(f"\noutput: {config.run.output}")
     return 0
