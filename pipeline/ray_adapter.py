@@ -151,11 +151,16 @@ class StageRunner:
     def __exit__(self, *exc) -> None:
         self.close(teardown=exc[0] is None)
 
-    def close(self, teardown: bool = True) -> None:
+    def _close_pool(self, teardown: bool = True) -> None:
         if self.pool is not None:
             self.pool.close(teardown=teardown)
             self.pool = None
-        if teardown:  # stages prepared for a pool but never run (no rows reached them)
+
+    def close(self, teardown: bool = True) -> None:
+        """Stop the pool; after_run() of the stages prepared for it but never run (no rows
+        reached them)."""
+        self._close_pool(teardown)
+        if teardown:
             for stage in self.stages:
                 if stage.name in self.prepared:
                     stage.after_run()
@@ -208,18 +213,18 @@ class StageRunner:
         if not part:
             return {}
         if part[0].barrier and part[0].before_run_uses_cluster():
-            self.close()  # its Ray tasks need the CPUs that idle actors would hold
+            self._close_pool()  # its Ray tasks need the CPUs that idle actors would hold
         self._prepare([part[0]])
         if self.pool is None or not self.pool.holds([s.name for s in part]):
-            self.close()
+            self._close_pool()
             group = self._pool_group(part[0], shards)
             self._prepare([s for s in group if not s.barrier])  # a barrier's before_run waits for its turn
             n_pending = len({shard for stage in part for shard in pending[stage.name]})
             workers = _workers(part[0], n_pending)
-            label = "+".join(s.name for s in part)
             self.pool = StageActorPool(group, [s.name for s in part], workers,
-                                       self.max_actor_deaths * workers, self.say, label)
+                                       self.max_actor_deaths * workers, self.say, part[0].name)
         self._prepare(part)
+        self.pool.label = "+".join(s.name for s in part)  # the stages in messages, as the pool outlives them
         # The phase line: the stages below share actors, and a shard goes through all of them.
         self.say(f"[stages] {'+'.join(s.name for s in part)}: "
                  f"{len({x for stage in part for x in pending[stage.name]})} shard(s) on "
@@ -298,7 +303,7 @@ class StageRunner:
             finished = True
         finally:
             if not finished:
-                self.close(teardown=False)
+                self._close_pool(teardown=False)
         if errors:
             pool.release(order)
             raise StageFailed(_failure_message(order, errors))
