@@ -115,7 +115,7 @@ def converted_model(name: str, quantization: str, cache_dir: str = "") -> tuple[
 
 def unsupported_options(generation: Any, tokenizer: Any) -> list[str]:
     """Options of the model that the CTranslate2 path does not reproduce (empty: safe to use)."""
-    from .fast_greedy import unsupported_generation_options
+    from .generation import unsupported_generation_options
 
     problems = unsupported_generation_options(SimpleNamespace(generation_config=generation))
     if tokenizer.separate_vocabs:  # the converter writes one vocabulary for both sides

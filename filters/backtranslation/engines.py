@@ -3,6 +3,8 @@ or CTranslate2 (converted once, see ``ct2_engine.py``)."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +45,8 @@ def resolve_compute_type(config: BackTranslationConfig, device: str, dtype_name:
 def _load_ct2(name: str, tokenizer: Any, config: BackTranslationConfig, device: str, compute_type: str,
               threads: int) -> LoadedDirection | None:
     """The CTranslate2 direction, or None when the model needs options it cannot honour and auto chose it."""
-    from transformers import GenerationConfig, MarianConfig
-
     from .ct2_engine import Ct2Direction, converted_model, model_folder, unsupported_options
+    from .generation import read_generation_settings
 
     try:
         import ctranslate2  # noqa: F401 - a project dependency, but a hand-made environment may lack it
@@ -53,10 +54,7 @@ def _load_ct2(name: str, tokenizer: Any, config: BackTranslationConfig, device: 
         problems = ["the ctranslate2 package is not installed (pip install ctranslate2)"]
     else:
         folder = model_folder(name)
-        try:
-            generation = GenerationConfig.from_pretrained(folder, local_files_only=True)
-        except OSError:  # an older folder without generation_config.json: generate reads config.json
-            generation = GenerationConfig.from_model_config(MarianConfig.from_pretrained(folder))
+        generation = read_generation_settings(folder)
         problems = unsupported_options(generation, tokenizer)
     if problems:
         if config.engine == "ctranslate2":
@@ -68,22 +66,35 @@ def _load_ct2(name: str, tokenizer: Any, config: BackTranslationConfig, device: 
     return LoadedDirection(tokenizer, "ctranslate2", ct2=ct2, converted=converted)
 
 
+def intra_op_threads() -> int:
+    """The threads torch would use, without importing it: OMP_NUM_THREADS (Ray sets it to an
+    actor's CPUs), else torch's own count if it is loaded already, else the machine's cores."""
+    found = os.environ.get("OMP_NUM_THREADS", "")
+    if found.isdigit() and int(found) > 0:
+        return int(found)
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return os.cpu_count() or 1
+
+
 def load_direction(name: str, config: BackTranslationConfig, device: str, dtype_name: str) -> LoadedDirection:
     """Load model ``name`` (local folder or cached hub id) for the engine the config asks on ``device``."""
-    import torch
-    from transformers import MarianMTModel, MarianTokenizer
-
-    from .fast_greedy import FastGreedyDecoder, unsupported_generation_options
+    from transformers import MarianTokenizer
 
     tokenizer = MarianTokenizer.from_pretrained(name, local_files_only=True)
     engine = resolve_engine(config, device)
     if engine == "ctranslate2":
-        # CTranslate2 spreads a batch over the threads torch would use (Ray sets them to the actor's CPUs).
         loaded = _load_ct2(name, tokenizer, config, device, resolve_compute_type(config, device, dtype_name),
-                           torch.get_num_threads())
+                           intra_op_threads())
         if loaded is not None:
             return loaded
         engine = "fast" if config.num_beams == 1 else "generate"
+    import torch  # the transformers engines only
+    from transformers import MarianMTModel
+
+    from .fast_greedy import FastGreedyDecoder
+    from .generation import unsupported_generation_options
+
     model = MarianMTModel.from_pretrained(name, local_files_only=True, dtype=getattr(torch, dtype_name))
     model = model.to(device).eval()
     if engine == "fast":

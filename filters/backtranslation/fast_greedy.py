@@ -17,22 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
-def unsupported_generation_options(model: Any) -> list[str]:
-    """Options in the model's generation config that this loop does not reproduce (empty: safe to use)."""
-    gen = model.generation_config
-    found = []
-    if gen.repetition_penalty not in (None, 1.0):
-        found.append("repetition_penalty")
-    if gen.no_repeat_ngram_size:
-        found.append("no_repeat_ngram_size")
-    if gen.suppress_tokens or gen.begin_suppress_tokens:
-        found.append("suppress_tokens")
-    if any(len(ids) != 1 for ids in gen.bad_words_ids or []):
-        found.append("multi-token bad_words_ids")
-    if gen.forced_bos_token_id is not None:
-        found.append("forced_bos_token_id")
-    return found
+from .generation import unsupported_generation_options
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

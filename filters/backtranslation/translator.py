@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections import Counter, OrderedDict
@@ -62,6 +63,17 @@ class SharedCache(Protocol):
     def lookup(self, keys: list[str]) -> dict[str, Pair]: ...
 
 
+def cuda_visible() -> bool:
+    """Whether a CUDA GPU is usable here. A Ray actor given no GPU sees CUDA_VISIBLE_DEVICES="":
+    then the answer is no without importing torch (1.7 CPU-seconds and ~300 MB per worker, which the
+    CTranslate2 engine on CPU does not need)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class BackTranslator:
     """Loads the four MarianMT models once (``setup``) and back-translates batches of captions.
 
@@ -86,13 +98,11 @@ class BackTranslator:
         if not self.config.enabled or self._directions:
             return
         check_models(self.config)
-        import torch
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one bar per model and actor is noise in a pipeline log
         cfg = self.config
-        self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) \
-            else "cpu"
+        self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda_visible()) else "cpu"
         dtype_name = cfg.dtype if cfg.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
         for direction in DIRECTIONS:
             self._directions[direction] = load_direction(cfg.models[direction], cfg, self.device, dtype_name)
@@ -203,8 +213,6 @@ class BackTranslator:
 
     def _run(self, direction: str, texts: list[str], counters: Counter[str]) -> list[str]:
         """Translate ``texts`` with one model: truncate, sort by token length, batch, restore order."""
-        import torch
-
         cfg = self.config
         d = self._directions[direction]
         tok = d.tokenizer
@@ -216,6 +224,8 @@ class BackTranslator:
         counters["model_inputs"] += len(texts)
         if d.ct2 is not None:
             return d.ct2.translate(ids, cfg.num_beams, cfg.max_new_tokens, cfg.batch_size)
+        import torch  # the transformers engines only: CTranslate2 runs without it
+
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[str] = [""] * len(ids)
         # Graph shapes are reused when source lengths are rounded up to a multiple of 8.

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -290,3 +291,56 @@ def test_concurrent_conversions_leave_one_winner(tiny_models: dict[str, str], tm
     assert outcomes[0][0] == outcomes[1][0] and (Path(outcomes[0][0]) / "model.bin").is_file()
     assert sorted(p.name for p in Path(folder).iterdir() if p.name.startswith((".ct2", "ct2"))) == \
         [Path(outcomes[0][0]).name]  # the loser's temporary folder is removed
+
+
+def test_generation_settings_read_without_torch_match_generation_config(tiny_models: dict[str, str],
+                                                                        repeating_model: str, tmp_path: Path) -> None:
+    import shutil
+
+    from transformers import GenerationConfig, MarianConfig
+
+    from filters.backtranslation.generation import SETTINGS, read_generation_settings
+
+    folder = Path(tiny_models["en_de"])
+    custom = tmp_path / "custom"  # every setting the engines check away from its default
+    shutil.copytree(folder, custom)
+    settings = json.loads((custom / "generation_config.json").read_text())
+    settings.update(bad_words_ids=[[5], [7, 8]], forced_bos_token_id=3, repetition_penalty=1.2,
+                    no_repeat_ngram_size=3, suppress_tokens=[4], begin_suppress_tokens=[6])
+    (custom / "generation_config.json").write_text(json.dumps(settings))
+    older = tmp_path / "older"  # a folder saved before generation_config.json existed
+    shutil.copytree(folder, older)
+    (older / "generation_config.json").unlink()
+    for path in (folder, Path(repeating_model), custom, older):
+        reference = (GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists()
+                     else GenerationConfig.from_model_config(MarianConfig.from_pretrained(path)))
+        ours = read_generation_settings(path)
+        assert {n: getattr(ours, n) for n in SETTINGS} == {n: getattr(reference, n) for n in SETTINGS}, path
+    assert read_generation_settings(custom).bad_words_ids == [[5], [7, 8]]  # not the defaults
+    from filters.backtranslation.generation import unsupported_generation_options
+
+    assert unsupported_generation_options(SimpleNamespace(generation_config=read_generation_settings(custom))) == [
+        "repetition_penalty", "no_repeat_ngram_size", "suppress_tokens", "multi-token bad_words_ids",
+        "forced_bos_token_id"]
+
+
+def test_ctranslate2_on_a_cpu_worker_never_imports_torch(tiny_models: dict[str, str]) -> None:
+    """A Ray actor given no GPU sees CUDA_VISIBLE_DEVICES="": loading and translating then stays
+    without torch (1.7 CPU-s and ~300 MB less per worker)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from filters.backtranslation import BackTranslationConfig, BackTranslator\n"
+        f"t = BackTranslator(BackTranslationConfig(models={dict(tiny_models)!r}, max_new_tokens=8))\n"
+        "t.setup()\n"
+        "out = t.translate(['a dog runs on the grass'])\n"
+        "print(json.dumps([t.engines, 'torch' in sys.modules, out.counters['model_inputs']]))\n")
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                           timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert found.returncode == 0, found.stderr[-2000:]
+    engines, imported_torch, inputs = json.loads(found.stdout.strip().splitlines()[-1])
+    assert engines == {d: "ctranslate2" for d in DIRECTIONS} and inputs == 4
+    assert imported_torch is False
