@@ -7,10 +7,11 @@ sha256, the same X-Robots-Tag directives and user agent, `--timeout`, no retries
 threads per worker and one worker per core (Ray: one download actor per CPU; img2dataset:
 `processes_count` = cores, multiprocessing).
 
-(a) `filip build CONFIG`, with dedup, unsafe and back-translation switched off
-    (`<stage>.enabled: false`) and `download.allow_networks: [127.0.0.1/32]`. What cannot be
-    switched off also runs: the input stage, the inspect stage (decode, pHash, resolution and
-    caption filters), decisions/ and the final shards; the output's `stages_run` lists them.
+(a) `filip build CONFIG` with `stages: [download]` (`--stages`; `download,inspect` adds the
+    inspect stage: decode, pHash, resolution and caption filters) and
+    `download.allow_networks: [127.0.0.1/32]`. The input stage, decisions/ and the final shards
+    (re-sharded WebDataset and Parquet: work img2dataset does not do) always run too; the output's
+    `stages_run` lists what ran.
 (b) the `img2dataset` CLI on the same list.
 
 Each command is one subprocess, measured by bench/proctree.py from start to exit: wall clock,
@@ -23,6 +24,7 @@ stats.json's stage seconds are extra columns. Prints one JSON line (progress on 
 
     .venv/bin/python bench/build_vs_img2dataset.py --urls 2000 --repeats 5
     .venv/bin/python bench/build_vs_img2dataset.py --urls 20000 --repeats 3
+    .venv/bin/python bench/build_vs_img2dataset.py --urls 2000 --repeats 3 --stages download,inspect
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def build_config(url_list: Path, output: Path, settings: dict) -> dict:
                      "encode_format": "jpg", "encode_quality": 95, "thread_count": settings["threads"],
                      "timeout": settings["timeout"], "retries": 0, "allow_networks": ["127.0.0.1/32"],
                      "user_agent_token": "filip-corpus", "disallowed_header_directives": DIRECTIVES},
-        "dedup": {"enabled": False}, "unsafe": {"enabled": False}, "backtranslation": {"enabled": False},
+        "stages": settings["stages"],
     }
 
 
@@ -119,9 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=64, help="download threads per worker (our default)")
     parser.add_argument("--timeout", type=int, default=10, help="seconds per request (our default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the photos' upscaled sizes")
+    parser.add_argument("--stages", default="download",
+                        help="the build's stages, comma-separated (download; download,inspect)")
     args = parser.parse_args(argv)
     settings = {"shard_size": args.shard_size, "threads": args.threads, "timeout": args.timeout,
-                "cpus": os.cpu_count() or 1}
+                "cpus": os.cpu_count() or 1, "stages": args.stages.split(",")}
     tools = {"filip_build": run_filip, "img2dataset": run_img2dataset}
     runs: dict[str, list[tuple[CommandRun, dict]]] = {name: [] for name in tools}
     photos = webimages.web_photos(args.data, args.seed)

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stage import DROP_KIND, DROP_REASON, shard_name
+from pipeline.records import read_tar_images
+from pipeline.stage import DROP_KIND, DROP_REASON, kept_rows, shard_name
 from pipeline.storage import Storage
 
 FOLDER = "shards"  # WebDataset tars, sizes.json, manifest.json, tokenizer.model, _NNNNN.done markers
@@ -51,8 +52,7 @@ def done_marker(name: str) -> str:
 
 def keyed_rows(storage: Storage, stage: str, shard: str, seed: int) -> pa.Table:
     """The kept rows of `<stage>/<shard>.parquet` with their shuffle key."""
-    table = storage.read_parquet(f"{stage}/{shard}.parquet")
-    table = table.filter(pc.is_null(table[DROP_REASON]))
+    table = kept_rows(storage.read_parquet(f"{stage}/{shard}.parquet"))  # download/ has `status` only
     return table.append_column(KEY, pa.array(shuffle_keys(table["key"].to_pylist(), seed), pa.uint64()))
 
 
@@ -114,6 +114,10 @@ def write_shard(storage: Storage, name: str, rows: pa.Table, encode_format: str 
     for row in records:
         by_source.setdefault(row["key"][:5], []).append(row)
     for source, items in by_source.items():  # one open per source tar, reads in file order
+        if any(row.get("tar_offset") is None for row in items):  # no stage after download read its tar
+            found = read_tar_images(storage, source)
+            images.update((row["key"], found[row["key"]][0]) for row in items)
+            continue
         with storage.fs.open(storage.path(f"download/{source}.tar"), "rb") as handle:
             for row in sorted(items, key=lambda r: r["tar_offset"]):
                 handle.seek(row["tar_offset"])

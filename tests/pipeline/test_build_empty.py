@@ -116,3 +116,28 @@ def test_shard_with_no_row_left_beside_a_kept_one(small_web, tmp_path, ray_sessi
     assert (dedup["rows_in"], dedup["counters"]["search_rows"]) == (2, 2)
     shard = pq.read_table(out / "shards_parquet" / "00000.parquet")
     assert sorted(shard["url"].to_pylist()) == urls[2:]
+
+
+def test_a_download_only_build_writes_final_shards(small_web, tmp_path, ray_session) -> None:
+    """`stages: [download]`, img2dataset's job alone: every fetched image is kept (the tiny ones
+    too: no inspect) and the final shards carry the download's own bytes."""
+    import tarfile
+
+    urls = [f"{small_web}/img/tiny{i}.png" for i in range(3)] + [f"{small_web}/img/big{i}.png" for i in range(2)]
+    out = tmp_path / "out"
+    config = make_config(_write_urls(tmp_path / "urls.csv", urls), out, shards={"tokenizer_vocab_size": 300})
+    config.stages = ["download"]
+    summary = build(config, progress=lambda line: None)
+    assert [s["stage"] for s in summary["stages"] if not s.get("skipped")] == ["input", "download"]
+    assert summary["final_shards"]["samples"] == 5
+    decisions = pq.read_table(out / "decisions").to_pylist()
+    assert sorted(d["status"] for d in decisions) == ["kept"] * 5
+    downloaded = {}
+    for shard in summary["shards"]:
+        with tarfile.open(out / "download" / f"{shard}.tar") as archive:
+            downloaded.update({m.name: archive.extractfile(m).read() for m in archive if m.name.endswith(".jpg")})
+    final = {}
+    for path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(path) as archive:
+            final.update({m.name: archive.extractfile(m).read() for m in archive if m.name.endswith(".jpg")})
+    assert final == downloaded and len(final) == 5
