@@ -31,6 +31,19 @@ def read_tar_images(storage: Storage, shard: str) -> dict[str, tuple[bytes, int,
     return found
 
 
+def read_tar_index(storage: Storage, shard: str) -> dict[str, tuple[int, int]]:
+    """key -> (offset of the image bytes in `download/<shard>.tar`, their size), from the members'
+    headers only: the reader seeks over the data."""
+    found: dict[str, tuple[int, int]] = {}
+    with storage.fs.open(storage.path(f"download/{shard}.tar"), "rb") as handle:
+        with tarfile.open(fileobj=handle, mode="r:") as archive:
+            for member in archive:
+                key, _, ext = member.name.rpartition(".")
+                if ext in IMAGE_EXTENSIONS and member.isfile():
+                    found[key] = (member.offset_data, member.size)
+    return found
+
+
 def read_image_at(storage: Storage, shard: str, offset: int, size: int) -> bytes:
     """One image by its position in `download/<shard>.tar` (a ranged read on object stores)."""
     with storage.fs.open(storage.path(f"download/{shard}.tar"), "rb") as handle:

@@ -17,9 +17,9 @@ import tarfile
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.records import read_tar_images
+from pipeline.records import read_tar_index
+from pipeline.schema import TAR_OFFSET, TAR_SIZE
 from pipeline.stage import DROP_KIND, DROP_REASON, kept_rows, shard_name
 from pipeline.storage import Storage
 
@@ -53,6 +53,11 @@ def done_marker(name: str) -> str:
 def keyed_rows(storage: Storage, stage: str, shard: str, seed: int) -> pa.Table:
     """The kept rows of `<stage>/<shard>.parquet` with their shuffle key."""
     table = kept_rows(storage.read_parquet(f"{stage}/{shard}.parquet"))  # download/ has `status` only
+    if TAR_OFFSET not in table.column_names:  # no stage after download read the tar: index its headers
+        index = read_tar_index(storage, shard)
+        places = [index.get(key) for key in table["key"].to_pylist()]
+        table = (table.append_column(TAR_OFFSET, pa.array([p[0] if p else None for p in places], pa.int64()))
+                 .append_column(TAR_SIZE, pa.array([p[1] if p else None for p in places], pa.int64())))
     return table.append_column(KEY, pa.array(shuffle_keys(table["key"].to_pylist(), seed), pa.uint64()))
 
 
@@ -114,10 +119,6 @@ def write_shard(storage: Storage, name: str, rows: pa.Table, encode_format: str 
     for row in records:
         by_source.setdefault(row["key"][:5], []).append(row)
     for source, items in by_source.items():  # one open per source tar, reads in file order
-        if any(row.get("tar_offset") is None for row in items):  # no stage after download read its tar
-            found = read_tar_images(storage, source)
-            images.update((row["key"], found[row["key"]][0]) for row in items)
-            continue
         with storage.fs.open(storage.path(f"download/{source}.tar"), "rb") as handle:
             for row in sorted(items, key=lambda r: r["tar_offset"]):
                 handle.seek(row["tar_offset"])
