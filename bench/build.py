@@ -40,6 +40,8 @@ import webimages
 from build_vs_img2dataset import build_config
 from proctree import CommandRun, run_measured
 
+from pipeline.config import DEFAULT_STAGES
+
 LOOP = str(Path(__file__).resolve().parent / "build_loop.py")
 
 
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models_note, translation = translation_models(args.data)
     photos = webimages.web_photos(args.data, args.seed)
-    settings = {"shard_size": args.shard_size, "threads": args.threads, "timeout": args.timeout}
+    settings = {"shard_size": args.shard_size, "threads": args.threads, "timeout": args.timeout,
+                "stages": list(DEFAULT_STAGES)}  # every stage, in the default order
     runs: dict[str, list[tuple[CommandRun, dict]]] = {"build": [], "loop": []}
     with webimages.served(photos) as base, tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         url_list = Path(tmp) / "urls.parquet"
@@ -137,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 work = Path(tmp) / f"{name}-{repeat}"
                 work.mkdir()
                 sections = build_config(url_list, work / "out", settings)
-                sections.update({"dedup": {"enabled": True}, "unsafe": {"enabled": True},
-                                 "backtranslation": {"enabled": True, **translation}})
+                sections["backtranslation"] = {"enabled": True, **translation}
                 config = filipbuild.write_config(work / "build.yaml", sections)
                 run, outcome = runner(config, work)
                 shutil.rmtree(work)

@@ -1,7 +1,6 @@
 """`filip build`: run every stage of the corpus pipeline, resuming where an earlier run stopped."""
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 from filters.web.address import AddressPolicy
@@ -14,7 +13,6 @@ from pipeline.stage import Stage, shard_stats
 from pipeline.stats import StageStats, merge_all
 from pipeline.storage import Storage, url_to_fs
 
-log = logging.getLogger(__name__)
 __all__ = ["OutputInUse", "build", "check_before_work", "pipeline_stages"]
 
 

@@ -63,7 +63,6 @@ def _run_build(args: argparse.Namespace) -> int:
     from pipeline.build import build
     from pipeline.config import load_config
     from pipeline.funnel import format_funnel
-
     from pipeline.ray_adapter import stop_ray
 
     config = load_config(args.config, _overrides(args))

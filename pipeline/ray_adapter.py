@@ -38,18 +38,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers import pipeline/ and filters/ from the installed package; on a cluster every node
-    # installs the project, as `ray start` does not ship code.
-    # albumentations (imported by img2dataset) asks PyPI for a newer version at import time unless
-    # told not to: on a cluster without internet that costs a timeout per worker.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # installs the project, as `ray start` does not ship code. No runtime_env: it would make Ray
+    # start new workers for it instead of the ones it prestarts (0.6 s more for the first actors).
     kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     if address and address != "local":
-        ray.init(address=address, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}, **kwargs)
+        ray.init(address=address, **kwargs)
     else:
         # "local": a new instance, never the cluster a `ray start` on this machine left recorded
-        # in /tmp/ray/ray_current_cluster (which ray.init() without an address would join). Its
-        # workers inherit this process's environment, so no runtime_env: one would make Ray start
-        # new workers for it instead of the ones it prestarts (0.6 s more for the first actors).
+        # in /tmp/ray/ray_current_cluster (which ray.init() without an address would join).
         ray.init(address="local", num_cpus=num_cpus, _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
 
 
@@ -178,12 +174,12 @@ class StageRunner:
             self.say(f"[{stage.name}] no rows left: {len(shards)} empty shard(s) written without workers")
 
     def _pool_group(self, first: Stage, shards: list[str]) -> list[Stage]:
-        """`first` and the stages after it of the same shape, up to the first of another shape
-        (or a barrier whose before_run needs the cluster's CPUs), that still have shards to do."""
+        """`first` and the stages after it of the same shape, up to the first of another shape,
+        that still have shards to do."""
         index = self.stages.index(first)
         group = [first]
         for stage in self.stages[index + 1:]:
-            if resource_shape(stage) != resource_shape(first) or (stage.barrier and stage.before_run_uses_cluster()):
+            if resource_shape(stage) != resource_shape(first):
                 break
             group.append(stage)
         return [s for s in group if s is first or any(not s.is_done(shard) for shard in shards)]
@@ -214,7 +210,7 @@ class StageRunner:
             return {}
         if part[0].barrier and part[0].before_run_uses_cluster():
             self._close_pool()  # its Ray tasks need the CPUs that idle actors would hold
-        self._prepare([part[0]])
+        self._prepare(part)
         if self.pool is None or not self.pool.holds([s.name for s in part]):
             self._close_pool()
             group = self._pool_group(part[0], shards)
@@ -223,7 +219,6 @@ class StageRunner:
             workers = _workers(part[0], n_pending)
             self.pool = StageActorPool(group, [s.name for s in part], workers,
                                        self.max_actor_deaths * workers, self.say, part[0].name)
-        self._prepare(part)
         self.pool.label = "+".join(s.name for s in part)  # the stages in messages, as the pool outlives them
         # The phase line: the stages below share actors, and a shard goes through all of them.
         self.say(f"[stages] {'+'.join(s.name for s in part)}: "
@@ -304,10 +299,9 @@ class StageRunner:
         finally:
             if not finished:
                 self._close_pool(teardown=False)
-        if errors:
-            pool.release(order)
-            raise StageFailed(_failure_message(order, errors))
         pool.release(order)  # these stages do not run again: free their models
+        if errors:
+            raise StageFailed(_failure_message(order, errors))
         return done_stats
 
 

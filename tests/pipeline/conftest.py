@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from PIL import Image, ImageEnhance
@@ -179,3 +184,19 @@ def reference_run(tmp_path_factory, url_list, tiny_marian_models, ray_session):
     config = make_config(path, out, tiny_marian_models)
     summary = build(config, progress=lambda msg: None)
     return out, summary, expected, config
+
+
+def kill_when_found(process: subprocess.Popen, glob: Callable[[str], list], pattern: str,
+                    deadline_s: float, poll_s: float) -> None:
+    """SIGKILL `process`'s group as soon as `glob(pattern)` finds something (a crash at that point
+    of the build); fails if the run ended first or `deadline_s` passed."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if glob(pattern):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+            return
+        time.sleep(poll_s)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"never saw {pattern} before the run ended (rc={process.poll()})")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ import yaml
 from filters.caption import normalize_caption
 from pipeline.build import build
 from pipeline.configtools import to_dict
-from tests.pipeline.conftest import make_config
+from tests.pipeline.conftest import kill_when_found, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["input", "download", "inspect", "dedup", "unsafe", "backtranslate"]
@@ -123,19 +121,6 @@ def _build_process(config_path: Path, address: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _kill_when(process: subprocess.Popen, out: Path, pattern: str, deadline_s: float = 240) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and process.poll() is None:
-        if list(out.glob(pattern)):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-            return
-        time.sleep(0.05)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"never saw {pattern} before the run ended (rc={process.poll()})")
-
-
 @pytest.mark.parametrize("kill_at", [
     "download/.tmp-*",                # in the middle of a download shard
     "unsafe/00001.done",              # between two shards of a later stage
@@ -149,7 +134,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, url_list, reference_r
     config_path.write_text(yaml.safe_dump(to_dict(make_config(url_list[0], out, reference_run[3]
                                                               .backtranslation.models))))
     address = ray.get_runtime_context().gcs_address
-    _kill_when(_build_process(config_path, address), out, kill_at)
+    kill_when_found(_build_process(config_path, address), lambda pattern: list(out.glob(pattern)), kill_at,
+                    deadline_s=240, poll_s=0.05)
     assert not (out / "stats.json").exists(), "the run finished before it was killed"
     resumed = _build_process(config_path, address)
     _, stderr = resumed.communicate(timeout=400)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +19,7 @@ from pipeline.config import PipelineConfig
 from pipeline.configtools import to_dict
 from pipeline.decisions import decision_files
 from pipeline.storage import Storage
-from tests.pipeline.conftest import make_config
+from tests.pipeline.conftest import kill_when_found, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 # Top-level entries every finished build leaves in its output folder.
@@ -90,19 +88,6 @@ def _build_process(config_path: Path, address: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _kill_when_found(process: subprocess.Popen, fs, pattern: str, deadline_s: float = 300) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and process.poll() is None:
-        if fs.glob(pattern):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-            return
-        time.sleep(0.1)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"never saw {pattern} before the run ended (rc={process.poll()})")
-
-
 def test_resume_after_kill_matches_uninterrupted(s3_run, s3_server, url_list, tmp_path) -> None:
     import ray
 
@@ -113,7 +98,8 @@ def test_resume_after_kill_matches_uninterrupted(s3_run, s3_server, url_list, tm
     fs, root = s3_server.filesystem(), f"{bucket.removeprefix('s3://')}/out"
     address = ray.get_runtime_context().gcs_address
     # Killed with one download shard complete and the others in flight.
-    _kill_when_found(_build_process(config_path, address), fs, f"{root}/download/*.done")
+    kill_when_found(_build_process(config_path, address), fs.glob, f"{root}/download/*.done",
+                    deadline_s=300, poll_s=0.1)
     assert not fs.exists(f"{root}/stats.json"), "the run finished before it was killed"
     done_before = len(fs.glob(f"{root}/download/*.done"))
     assert 1 <= done_before < len(s3_run[1]["shards"])
