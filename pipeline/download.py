@@ -5,7 +5,7 @@ The files under `<output>/download/` are img2dataset's: `NNNNN.tar` (per sample 
 `error_message`, sizes, `sha256`) and `NNNNN_stats.json` (to which `Stage.finish_shard` adds this
 stage's counters: one stats file per shard), with img2dataset's keys. They are written by
 `pipeline/img2dataset_format.py`, which a test holds to img2dataset's own writer, as importing
-img2dataset costs each worker 3.3 CPU-seconds (torch, wandb, albumentations). Two more pieces of
+img2dataset costs each worker 3.7-4.1 CPU-seconds (torch, wandb, albumentations). Two more pieces of
 img2dataset are replaced, because they cannot be made safe from outside: its fetcher (urllib
 follows redirects to any address, has no deadline and reads bodies whole) by
 `filters/web/fetch.py`, and its cv2 resizer (decodes before any pixel check, ignores EXIF

@@ -65,8 +65,8 @@ class SharedCache(Protocol):
 
 def cuda_visible() -> bool:
     """Whether a CUDA GPU is usable here. A Ray actor given no GPU sees CUDA_VISIBLE_DEVICES="":
-    then the answer is no without importing torch (1.7 CPU-seconds and ~300 MB per worker, which the
-    CTranslate2 engine on CPU does not need)."""
+    then the answer is no without importing torch, which the CTranslate2 engine on CPU does not need
+    (`filters/backtranslation/generation.py` says what it costs)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
         return False
     import torch

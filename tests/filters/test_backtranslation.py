@@ -326,7 +326,7 @@ def test_generation_settings_read_without_torch_match_generation_config(tiny_mod
 
 def test_ctranslate2_on_a_cpu_worker_never_imports_torch(tiny_models: dict[str, str]) -> None:
     """A Ray actor given no GPU sees CUDA_VISIBLE_DEVICES="": loading and translating then stays
-    without torch (1.7 CPU-s and ~300 MB less per worker)."""
+    without torch."""
     import subprocess
     import sys
 
